@@ -1,0 +1,48 @@
+"""Packaging for tf_explog (distribution name ``tf-explog``)."""
+
+import re
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+HERE = Path(__file__).parent
+VERSION = re.search(
+    r'__version__ = "([^"]+)"', (HERE / "tf_explog" / "__init__.py").read_text()
+).group(1)
+
+setup(
+    name="tf-explog",
+    version=VERSION,
+    description=(
+        "3D segmentation with the exponential logarithmic loss "
+        "(Wong et al., MICCAI 2018) for TensorFlow/Keras"
+    ),
+    long_description=(HERE / "README.md").read_text(),
+    long_description_content_type="text/markdown",
+    packages=find_packages(include=["tf_explog", "tf_explog.*"]),
+    python_requires=">=3.10",
+    install_requires=[
+        "tensorflow>=2.21",
+        "keras>=3.15",
+        "numpy",
+        "nibabel",
+        "scikit-image",
+        "scipy",
+        # TensorFlow 2.21 no longer pulls TensorBoard in; keras.callbacks.TensorBoard needs it.
+        "tensorboard",
+        "PyYAML",
+        "matplotlib",
+    ],
+    extras_require={
+        "test": [
+            "pytest",
+            # The JAX backend is how GPU checks run, and the tests prove the losses agree on it.
+            "jax[cpu]",
+            "nbclient",
+            "nbformat",
+            "ipykernel",
+        ],
+        "jax": ["jax"],
+    },
+    entry_points={"console_scripts": ["tf-explog=tf_explog.cli:main"]},
+)

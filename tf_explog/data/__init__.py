@@ -1,0 +1,17 @@
+"""Data path: NIfTI I/O and geometry, preprocessing, manifests, synthetic phantoms, tf.data.
+
+Only ``pipeline`` needs TensorFlow; it is imported lazily so the rest works without it.
+"""
+
+import importlib
+
+_SUBMODULES = {"nifti", "preprocess", "synthetic", "manifest", "cache", "pipeline"}
+_LAZY = {"make_dataset": "pipeline"}
+
+
+def __getattr__(name):
+    if name in _SUBMODULES:
+        return importlib.import_module(f"{__name__}.{name}")
+    if name in _LAZY:
+        return getattr(importlib.import_module(f"{__name__}.{_LAZY[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
