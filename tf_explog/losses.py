@@ -255,6 +255,7 @@ def _cross_term(one_hot, neg_log_p, num_classes, gamma, class_weights):
 # --------------------------------------------------------------------------------------
 
 
+@keras.saving.register_keras_serializable(package="tf_explog")
 def exp_log_loss(
     y_true,
     y_pred,
@@ -289,6 +290,7 @@ def exp_log_loss(
     return loss
 
 
+@keras.saving.register_keras_serializable(package="tf_explog")
 def log_dice_loss(y_true, y_pred, gamma=1.0, smooth=1.0, from_logits=False,
                   include_background=True):
     """``L_dice = mean_i (-ln Dice_i)^gamma`` per sample (the paper's L_dice)."""
@@ -297,6 +299,7 @@ def log_dice_loss(y_true, y_pred, gamma=1.0, smooth=1.0, from_logits=False,
                         include_background=include_background)
 
 
+@keras.saving.register_keras_serializable(package="tf_explog")
 def weighted_cross_entropy(y_true, y_pred, gamma=1.0, class_weights=None,
                            from_logits=False):
     """``L_cross = mean_x w_l (-ln p_l)^gamma`` per sample (the paper's L_cross)."""
@@ -304,6 +307,7 @@ def weighted_cross_entropy(y_true, y_pred, gamma=1.0, class_weights=None,
                         class_weights=class_weights, from_logits=from_logits)
 
 
+@keras.saving.register_keras_serializable(package="tf_explog")
 def linear_dice_loss(y_true, y_pred, smooth=1.0, from_logits=False,
                      include_background=True):
     """Linear Dice loss ``mean_i (1 - Dice_i)`` per sample, the paper's weakest baseline."""
@@ -311,6 +315,7 @@ def linear_dice_loss(y_true, y_pred, smooth=1.0, from_logits=False,
     return _label_mean(1.0 - _dice(one_hot, probs, smooth), include_background)
 
 
+@keras.saving.register_keras_serializable(package="tf_explog")
 def generalized_dice_loss(y_true, y_pred, weight_type="square", smooth=1e-5,
                           from_logits=False, include_background=True):
     """Generalized Dice loss (Sudre et al., DLMIA 2017) per sample.

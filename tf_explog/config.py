@@ -1,0 +1,359 @@
+"""Typed training configuration read from YAML.
+
+A config file is parsed with ``yaml.safe_load`` into the dataclasses below. Unknown keys,
+wrong types and out-of-range values are errors that name the key (``train.epochs``) and the
+file; ``--set key=value`` overrides go through the same validation.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing, unknown, of the wrong type or out of range."""
+
+
+@dataclass
+class PreprocessConfig:
+    preset: Optional[str] = None  # "paper": isotropic at the smallest spacing, cube, resize
+    spacing: Optional[Union[str, list[float]]] = None  # mm per axis, or "min"
+    shape: Optional[list[int]] = None
+    normalize: Optional[str] = "zscore"  # zscore | zscore_nonzero | null
+    clip_percentiles: Optional[list[float]] = None
+    image_order: int = 1
+
+    def validate(self, key):
+        _choice(f"{key}.preset", self.preset, (None, "paper"))
+        _choice(f"{key}.normalize", self.normalize, (None, "zscore", "zscore_nonzero"))
+        _choice(f"{key}.image_order", self.image_order, (1, 3))
+        if isinstance(self.spacing, str):
+            _choice(f"{key}.spacing", self.spacing, ("min",))
+        elif self.spacing is not None:
+            _length(f"{key}.spacing", self.spacing, 3)
+            _positive(f"{key}.spacing", self.spacing)
+        if self.shape is not None:
+            _length(f"{key}.shape", self.shape, 3)
+            _positive(f"{key}.shape", self.shape)
+        if self.clip_percentiles is not None:
+            _length(f"{key}.clip_percentiles", self.clip_percentiles, 2)
+            lo, hi = self.clip_percentiles
+            if not 0 <= lo < hi <= 100:
+                raise ConfigError(
+                    f"{key}.clip_percentiles must be [low, high] with 0 <= low < high <= 100; "
+                    f"got {self.clip_percentiles}."
+                )
+
+
+@dataclass
+class AugmentConfig:
+    enabled: bool = True
+    probability: float = 0.8
+    rotation: float = 30.0  # degrees
+    rotation_axes: str = "one"  # one | all
+    shift: float = 0.2  # fraction of the size
+    zoom: list[float] = field(default_factory=lambda: [0.8, 1.2])
+
+    def validate(self, key):
+        _range(f"{key}.probability", self.probability, 0.0, 1.0)
+        _range(f"{key}.rotation", self.rotation, 0.0, 180.0)
+        _range(f"{key}.shift", self.shift, 0.0, 1.0)
+        _choice(f"{key}.rotation_axes", self.rotation_axes, ("one", "all"))
+        _length(f"{key}.zoom", self.zoom, 2)
+        if not 0 < self.zoom[0] <= self.zoom[1]:
+            raise ConfigError(f"{key}.zoom must be [low, high] with 0 < low <= high; "
+                              f"got {self.zoom}.")
+
+
+@dataclass
+class DataConfig:
+    dataset: str = ""  # path to an MSD dataset.json, relative to the config file's folder
+    cache_dir: Optional[str] = None  # default: <dataset folder>/.cache
+    mode: str = "volume"  # volume | patch
+    patch_size: list[int] = field(default_factory=lambda: [64, 64, 64])
+    oversample: float = 0.33
+    validation_fraction: float = 0.2
+    preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+
+    def validate(self, key):
+        if not self.dataset:
+            raise ConfigError(f"{key}.dataset is required: the path of a dataset.json.")
+        _choice(f"{key}.mode", self.mode, ("volume", "patch"))
+        _length(f"{key}.patch_size", self.patch_size, 3)
+        for size in self.patch_size:
+            if size <= 0 or size % 16:
+                raise ConfigError(f"{key}.patch_size must be positive multiples of 16 "
+                                  f"(4 poolings); got {self.patch_size}.")
+        _range(f"{key}.oversample", self.oversample, 0.0, 1.0)
+        _range(f"{key}.validation_fraction", self.validation_fraction, 0.0, 0.9)
+        self.preprocess.validate(f"{key}.preprocess")
+        self.augment.validate(f"{key}.augment")
+
+
+@dataclass
+class ModelConfig:
+    filters: list[int] = field(default_factory=lambda: [12, 24, 48, 96, 192])
+    encoder_depths: list[int] = field(default_factory=lambda: [1, 2, 3, 3, 3])
+    decoder_depths: list[int] = field(default_factory=lambda: [3, 3, 2, 1])
+    noise_std: float = 1.0
+    dropout: float = 0.5
+    aux_outputs: int = 0  # 0 = the paper's fused head alone; up to 3 auxiliary heads
+
+    def validate(self, key):
+        _length(f"{key}.filters", self.filters, 5)
+        _positive(f"{key}.filters", self.filters)
+        _length(f"{key}.encoder_depths", self.encoder_depths, 5)
+        _positive(f"{key}.encoder_depths", self.encoder_depths)
+        _length(f"{key}.decoder_depths", self.decoder_depths, 4)
+        _positive(f"{key}.decoder_depths", self.decoder_depths)
+        _range(f"{key}.noise_std", self.noise_std, 0.0, 100.0)
+        _range(f"{key}.dropout", self.dropout, 0.0, 0.99)
+        _range(f"{key}.aux_outputs", self.aux_outputs, 0, 3)
+
+
+@dataclass
+class LossConfig:
+    name: str = "exp_log"  # see tf_explog.losses.LOSSES
+    class_weights: Union[str, list[float], None] = "auto"  # auto = from training frequencies
+    params: dict[str, Any] = field(default_factory=dict)  # passed to the loss constructor
+
+    def validate(self, key):
+        from tf_explog.losses import LOSSES  # no TensorFlow needed
+
+        _choice(f"{key}.name", self.name, tuple(LOSSES))
+        if isinstance(self.class_weights, str):
+            _choice(f"{key}.class_weights", self.class_weights, ("auto",))
+        try:
+            LOSSES[self.name](**self.params)
+        except (TypeError, ValueError) as err:
+            raise ConfigError(f"{key}.params is not valid for loss {self.name!r}: {err}") from None
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 100
+    batch_size: int = 1  # global batch size (split across replicas)
+    steps_per_epoch: Optional[int] = None  # None = one pass over the training split
+    validation_steps: Optional[int] = None
+    optimizer: str = "nadam"  # nadam | adam | sgd
+    learning_rate: float = 1e-3
+    dtype_policy: str = "float32"  # float32 | mixed_float16 | mixed_bfloat16
+    jit_compile: Union[str, bool] = "auto"  # auto: on with a GPU, off on CPU (10x slower)
+    strategy: str = "none"  # none | mirrored | multi_worker
+    image_summary_every: int = 5  # epochs between TensorBoard image summaries; 0 = never
+    checkpoint_monitor: str = "val_dice"
+    verbose: int = 1
+
+    def validate(self, key):
+        _range(f"{key}.epochs", self.epochs, 1, 100000)
+        _range(f"{key}.batch_size", self.batch_size, 1, 4096)
+        if self.steps_per_epoch is not None:
+            _range(f"{key}.steps_per_epoch", self.steps_per_epoch, 1, 10**9)
+        if self.validation_steps is not None:
+            _range(f"{key}.validation_steps", self.validation_steps, 1, 10**9)
+        _choice(f"{key}.optimizer", self.optimizer, ("nadam", "adam", "sgd"))
+        _range(f"{key}.learning_rate", self.learning_rate, 1e-12, 10.0)
+        _choice(f"{key}.dtype_policy", self.dtype_policy,
+                ("float32", "mixed_float16", "mixed_bfloat16"))
+        _choice(f"{key}.jit_compile", self.jit_compile, ("auto", True, False))
+        _choice(f"{key}.strategy", self.strategy, ("none", "mirrored", "multi_worker"))
+        _range(f"{key}.image_summary_every", self.image_summary_every, 0, 10**6)
+        _choice(f"{key}.verbose", self.verbose, (0, 1, 2))
+
+
+@dataclass
+class Config:
+    name: str = "run"
+    seed: int = 0
+    runs_dir: str = "runs"
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    #: Folder that relative paths in the file are resolved against (not a YAML key).
+    base_dir: str = field(default=".", metadata={"internal": True})
+
+    def validate(self):
+        if not self.name or "/" in self.name:
+            raise ConfigError(f"name must be a non-empty string without '/'; got {self.name!r}.")
+        self.data.validate("data")
+        self.model.validate("model")
+        self.loss.validate("loss")
+        self.train.validate("train")
+        return self
+
+    def resolve(self, path: str | None) -> Path | None:
+        """A path from the config, relative to the config file's folder."""
+        if path is None:
+            return None
+        p = Path(path).expanduser()
+        return p if p.is_absolute() else Path(self.base_dir) / p
+
+    def to_dict(self) -> dict:
+        out = dataclasses.asdict(self)
+        out.pop("base_dir")
+        return out
+
+    def fingerprint(self) -> str:
+        """Stable hash of the settings (recorded with runs and exported models)."""
+        text = json.dumps(self.to_dict(), sort_keys=True)
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+    def dump(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+# --------------------------------------------------------------------------------------
+# Loading
+# --------------------------------------------------------------------------------------
+
+
+def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Reads a YAML config file, applies ``key=value`` overrides and validates it.
+
+    Raises:
+        ConfigError: naming the file and the key for anything wrong.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found.")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    try:
+        config = config_from_dict(raw, overrides)
+    except ConfigError as err:
+        raise ConfigError(f"{path}: {err}") from None
+    config.base_dir = str(path.resolve().parent)
+    return config
+
+
+def config_from_dict(raw: dict, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"the top level must be a mapping; got {type(raw).__name__}.")
+    raw = json.loads(json.dumps(raw))  # deep copy
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like key=value (e.g. train.epochs=3).")
+        key, value = item.split("=", 1)
+        _set_dotted(raw, key.strip(), yaml.safe_load(value))
+    return _build(Config, raw, "").validate()
+
+
+def _set_dotted(raw, key, value):
+    parts = key.split(".")
+    node = raw
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {key!r}: {part!r} is not a section.")
+    node[parts[-1]] = value
+
+
+def _build(cls, raw, prefix):
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{prefix or 'config'} must be a mapping; got {raw!r}.")
+    fields = {f.name: f for f in dataclasses.fields(cls) if not f.metadata.get("internal")}
+    unknown = sorted(set(raw) - set(fields))
+    if unknown:
+        where = f"{prefix}." if prefix else ""
+        raise ConfigError(
+            f"unknown key(s) {', '.join(where + k for k in unknown)}; allowed: "
+            f"{', '.join(sorted(fields))}."
+        )
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for name, value in raw.items():
+        key = f"{prefix}.{name}" if prefix else name
+        kwargs[name] = _coerce(hints[name], value, key)
+    return cls(**kwargs)
+
+
+def _coerce(hint, value, key):
+    origin = typing.get_origin(hint)
+    if dataclasses.is_dataclass(hint):
+        return _build(hint, value, key)
+    if origin is Union:
+        options = typing.get_args(hint)
+        if value is None and type(None) in options:
+            return None
+        errors = []
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return _coerce(option, value, key)
+            except ConfigError as err:
+                errors.append(str(err))
+        raise ConfigError(f"{key} has the wrong type: got {value!r} ({type(value).__name__}); "
+                          f"expected {_describe(hint)}.")
+    if origin is list:
+        (item,) = typing.get_args(hint)
+        if not isinstance(value, list):
+            raise ConfigError(f"{key} must be a list of {_describe(item)}; got {value!r}.")
+        return [_coerce(item, v, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key} must be a mapping; got {value!r}.")
+        return dict(value)
+    if hint is Any:
+        return value
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key} must be true or false; got {value!r}.")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key} must be an integer; got {value!r}.")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key} must be a number; got {value!r}.")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key} must be a string; got {value!r}.")
+        return value
+    raise ConfigError(f"{key}: unsupported type {hint!r}.")
+
+
+def _describe(hint):
+    origin = typing.get_origin(hint)
+    if origin is Union:
+        return " or ".join(_describe(a) for a in typing.get_args(hint))
+    if origin is list:
+        return f"a list of {_describe(typing.get_args(hint)[0])}"
+    if hint is type(None):
+        return "null"
+    return getattr(hint, "__name__", str(hint))
+
+
+def _choice(key, value, allowed):
+    if value not in allowed:
+        shown = ", ".join("null" if a is None else repr(a) for a in allowed)
+        raise ConfigError(f"{key} must be one of {shown}; got {value!r}.")
+
+
+def _range(key, value, low, high):
+    if not low <= value <= high:
+        raise ConfigError(f"{key} must be between {low} and {high}; got {value!r}.")
+
+
+def _length(key, value, n):
+    if len(value) != n:
+        raise ConfigError(f"{key} must have {n} entries; got {value!r}.")
+
+
+def _positive(key, values):
+    if any(v <= 0 for v in values):
+        raise ConfigError(f"{key} must be positive; got {values!r}.")
