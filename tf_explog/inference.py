@@ -1,0 +1,611 @@
+"""Whole-volume inference: sliding windows with Gaussian weighting, flip TTA, NIfTI in and out.
+
+:func:`predict_volume` turns one preprocessed image ``[D, H, W, C]`` into class probabilities
+``[D, H, W, K]`` of any size: the volume is zero-padded to a multiple of 16 (the network
+halves the resolution four times) and predicted in one call, or, when it is larger than the
+window, covered by overlapping windows whose softmax outputs are blended with a Gaussian
+importance map (Isensee et al., nnU-Net, Nat. Methods 2021; MONAI ``SlidingWindowInferer``):
+
+    P(x) = Σ_w g(x - o_w) · p_w(x - o_w)  /  Σ_w g(x - o_w)
+
+where ``o_w`` is the corner of window ``w`` and ``g`` a separable Gaussian centred in the
+window with standard deviation ``gaussian_sigma × window size`` per axis, scaled to a maximum
+of 1 and floored at ``1e-3`` (MONAI's floor) so that window edges keep a non-zero weight.
+Optional flip test-time augmentation averages ``flip_S(P(flip_S(x)))`` over every subset
+``S`` of the chosen spatial axes (8 for all three), which makes the result exactly
+flip-symmetric whatever the model: ``TTA(flip_a(x)) = flip_a(TTA(x))``.
+
+:func:`predict_files` segments NIfTI files with a trained run (or a ``.keras`` file) and writes
+label maps that overlay the inputs voxel for voxel (same shape, affine and orientation).
+
+``predict_volume`` uses NumPy and Keras only (no TensorFlow import); ``predict_files`` imports
+:mod:`tf_explog.training` (TensorFlow) only to read a run directory's ``run.json``.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Mapping, Optional, Sequence, Union
+
+import keras
+import numpy as np
+
+from tf_explog.data.nifti import (
+    NiftiError,
+    canonical_geometry,
+    invert_label_map,
+    load_volume,
+    save_like,
+)
+from tf_explog.data.preprocess import Preprocessor, invert_labels, invert_probabilities
+
+__all__ = [
+    "InferenceError",
+    "ModelNotFoundError",
+    "Predictor",
+    "load_predictor",
+    "predict_volume",
+    "predict_files",
+    "gaussian_importance_map",
+    "window_starts",
+    "sliding_window_weights",
+    "output_paths",
+]
+
+PathLike = Union[str, os.PathLike]
+
+SEGMENTATION = "segmentation"
+DIVISOR = 16  # 2 ** 4 poolings of the paper network
+WEIGHT_FLOOR = 1e-3  # MONAI's minimum importance, so no voxel of a window has weight 0
+PROBABILITIES_SUFFIX = "_probabilities.nii.gz"
+_NIFTI_SUFFIXES = (".nii.gz", ".nii")
+
+
+class InferenceError(ValueError):
+    """Bad input to inference (model, image or file); the message names the culprit."""
+
+
+class ModelNotFoundError(InferenceError, FileNotFoundError):
+    """The model path (run directory or ``.keras`` file) does not exist."""
+
+
+# --------------------------------------------------------------------------------------------
+# Window geometry
+# --------------------------------------------------------------------------------------------
+
+
+def window_starts(size: int, window: int, overlap: float) -> list:
+    """Start offsets of windows covering ``[0, size)`` along one axis, evenly spread.
+
+    As in nnU-Net: ``n = ceil((size - window) / (window · (1 - overlap))) + 1`` windows, the
+    first at 0, the last at ``size - window``, the others evenly spaced between (rounded).
+
+    Args:
+        size: axis length (≥ ``window``).
+        window: window length along the axis.
+        overlap: target overlap fraction between neighbours, in ``[0, 1)``.
+
+    Returns:
+        Sorted list of start offsets.
+    """
+    if window > size:
+        raise ValueError(f"window: {window} is larger than the axis size {size}")
+    if not 0.0 <= overlap < 1.0:
+        raise ValueError(f"overlap: expected a fraction in [0, 1), got {overlap!r}")
+    if size == window:
+        return [0]
+    step = window * (1.0 - overlap)
+    n = int(math.ceil((size - window) / step)) + 1
+    actual = (size - window) / (n - 1)
+    return [int(round(actual * i)) for i in range(n)]
+
+
+def gaussian_importance_map(
+    window: Sequence[int], sigma_scale: float = 0.125, floor: float = WEIGHT_FLOOR
+) -> np.ndarray:
+    """Separable Gaussian weight of each voxel of a window, maximum 1, floored.
+
+    ``g(i, j, k) = Π_axis exp(-½ ((i - (n - 1)/2) / (sigma_scale · n))²)``, divided by its
+    maximum, then ``max(g, floor)``. Centred at ``(n - 1)/2`` so it is flip-symmetric.
+
+    Args:
+        window: window shape ``(d, h, w)``.
+        sigma_scale: standard deviation as a fraction of the window size (nnU-Net: 1/8).
+        floor: minimum weight (MONAI uses 1e-3).
+
+    Returns:
+        float32 ``[d, h, w]``.
+    """
+    if not sigma_scale > 0:
+        raise ValueError(f"gaussian_sigma: expected a positive number, got {sigma_scale!r}")
+    g = np.ones((), dtype=np.float64)
+    for n in window:
+        i = np.arange(int(n), dtype=np.float64)
+        axis = np.exp(-0.5 * ((i - (n - 1) / 2.0) / (sigma_scale * n)) ** 2)
+        g = np.multiply.outer(g, axis)
+    g /= g.max()
+    return np.maximum(g, floor).astype(np.float32)
+
+
+def _corners(shape: Sequence[int], window: Sequence[int], overlap: float) -> list:
+    return list(itertools.product(*(window_starts(s, w, overlap) for s, w in zip(shape, window))))
+
+
+def sliding_window_weights(
+    shape: Sequence[int], window: Sequence[int], overlap: float = 0.5,
+    gaussian_sigma: float = 0.125,
+) -> np.ndarray:
+    """Summed importance weights ``Σ_w g(x - o_w)`` that :func:`predict_volume` divides by.
+
+    Args:
+        shape: (padded) volume shape ``(D, H, W)``, each ≥ the window.
+        window: window shape.
+        overlap: overlap fraction.
+        gaussian_sigma: see :func:`gaussian_importance_map`.
+
+    Returns:
+        float32 ``[D, H, W]``.
+    """
+    g = gaussian_importance_map(window, gaussian_sigma)
+    total = np.zeros(tuple(shape), np.float32)
+    for corner in _corners(shape, window, overlap):
+        total[tuple(slice(c, c + w) for c, w in zip(corner, window))] += g
+    return total
+
+
+# --------------------------------------------------------------------------------------------
+# predict_volume
+# --------------------------------------------------------------------------------------------
+
+
+def _model_input(model) -> tuple:
+    """``(fixed spatial dims or None per axis, channels)`` of a single-input 3D model."""
+    shape = model.input_shape
+    if isinstance(shape, list):
+        if len(shape) != 1:
+            raise InferenceError(f"model: expected a single input, got {len(shape)} inputs")
+        shape = shape[0]
+    if isinstance(shape, dict) or len(shape) != 5:
+        raise InferenceError(
+            f"model: expected one input of shape [batch, D, H, W, C], got {shape!r}"
+        )
+    return tuple(shape[1:4]), shape[4]
+
+
+def _triple_int(value, name: str) -> tuple:
+    if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
+        value = (int(value),) * 3
+    try:
+        out = tuple(int(v) for v in value)
+        ok = len(out) == 3 and all(o == v and o > 0 for o, v in zip(out, value))
+    except (TypeError, ValueError):
+        ok = False
+    if not ok:
+        raise InferenceError(f"{name}: expected a positive int or 3 of them, got {value!r}")
+    return out
+
+
+def _flip_sets(tta) -> list:
+    """Every subset of the TTA axes (the identity first)."""
+    if tta is False or tta is None:
+        return [()]
+    axes = (0, 1, 2) if tta is True else tta
+    try:
+        axes = tuple(int(a) for a in axes)
+    except (TypeError, ValueError):
+        raise InferenceError(f"tta: expected a bool or spatial axes from (0, 1, 2), got {tta!r}") from None
+    if not axes or len(set(axes)) != len(axes) or any(a not in (0, 1, 2) for a in axes):
+        raise InferenceError(f"tta: expected a bool or distinct spatial axes from (0, 1, 2), got {tta!r}")
+    return [s for r in range(len(axes) + 1) for s in itertools.combinations(sorted(axes), r)]
+
+
+def _segmentation(out, model) -> np.ndarray:
+    """The "segmentation" output of a model call as float32 NumPy."""
+    if isinstance(out, Mapping):
+        if SEGMENTATION not in out:
+            raise InferenceError(f"model: outputs {sorted(out)} include no {SEGMENTATION!r}")
+        out = out[SEGMENTATION]
+    elif isinstance(out, (list, tuple)):
+        names = list(getattr(model, "output_names", None) or [])
+        out = out[names.index(SEGMENTATION)] if SEGMENTATION in names else out[0]
+    return np.asarray(keras.ops.convert_to_numpy(out), dtype=np.float32)
+
+
+def _run(model, batch: np.ndarray) -> np.ndarray:
+    out = _segmentation(model.predict_on_batch(batch), model)
+    if out.ndim != 5 or out.shape[:4] != batch.shape[:4]:
+        raise InferenceError(
+            f"model: expected probabilities [batch, D, H, W, K] for input {batch.shape}, got {out.shape}"
+        )
+    return out
+
+
+def _predict_once(model, image, window, fixed, overlap, gaussian_sigma, window_batch, divisor):
+    """One pass without TTA: pad, predict (one call or blended windows), crop."""
+    shape = image.shape[:3]
+    if fixed:
+        win = window
+    else:
+        # Never use a window larger than the (16-padded) volume: same result, less work.
+        win = tuple(min(w, -(-s // divisor) * divisor) for w, s in zip(window, shape))
+    padded = tuple(max(s, w) for s, w in zip(shape, win))
+    if padded != shape:
+        # Zero after normalisation = background intensity; padding at the end, cropped below.
+        image = np.pad(image, [(0, p - s) for p, s in zip(padded, shape)] + [(0, 0)])
+    crop = tuple(slice(0, s) for s in shape)
+    corners = _corners(padded, win, overlap)
+    if len(corners) == 1:
+        return _run(model, image[np.newaxis])[0][crop]
+
+    g = gaussian_importance_map(win, gaussian_sigma)
+    acc = None
+    weights = np.zeros(padded, np.float32)
+    for i in range(0, len(corners), window_batch):
+        chunk = corners[i:i + window_batch]
+        slices = [tuple(slice(c, c + w) for c, w in zip(corner, win)) for corner in chunk]
+        batch = np.stack([image[s] for s in slices])
+        if len(chunk) < window_batch and i > 0:
+            # Keep the batch shape constant (one trace / one XLA program); extra rows are ignored.
+            batch = np.concatenate([batch, np.zeros((window_batch - len(chunk),) + batch.shape[1:],
+                                                    batch.dtype)])
+        out = _run(model, batch)
+        if acc is None:
+            acc = np.zeros(padded + (out.shape[-1],), np.float32)
+        for k, s in enumerate(slices):
+            acc[s] += out[k] * g[..., np.newaxis]
+            weights[s] += g
+    acc /= weights[..., np.newaxis]
+    return acc[crop]
+
+
+def predict_volume(
+    model: keras.Model,
+    image: np.ndarray,
+    *,
+    window: Union[None, int, Sequence[int]] = None,
+    overlap: float = 0.5,
+    gaussian_sigma: float = 0.125,
+    tta: Union[bool, Sequence[int]] = False,
+    window_batch: int = 1,
+    divisor: int = DIVISOR,
+) -> np.ndarray:
+    """Class probabilities of a whole preprocessed volume of any size.
+
+    Without ``window`` (or when the volume fits in one window) the image is zero-padded at the
+    end of each axis to a multiple of ``divisor``, predicted in one call and cropped back.
+    Otherwise windows of size ``window`` overlapping by ``overlap`` are blended with a Gaussian
+    importance map (see the module docstring); axes shorter than the window use a window of
+    the padded axis length. A model with fixed spatial input dims always gets windows of
+    exactly that size.
+
+    Args:
+        model: a Keras model with one input ``[batch, D, H, W, C]`` whose output (or whose
+            ``"segmentation"`` output, when it returns a dict) is softmax probabilities.
+        image: normalised image ``[D, H, W, C]``.
+        window: window size (int or 3 ints, multiples of ``divisor``) or None.
+        overlap: overlap fraction of neighbouring windows, in ``[0, 1)``.
+        gaussian_sigma: Gaussian std as a fraction of the window size (nnU-Net's 1/8).
+        tta: False, True (average over the 8 flips of the 3 spatial axes) or a sequence of
+            spatial axes whose flip combinations to average over (``(0, 1)``: 4 passes).
+        window_batch: windows per model call.
+        divisor: spatial sizes the model accepts are multiples of this.
+
+    Returns:
+        float32 ``[D, H, W, K]``.
+
+    Raises:
+        InferenceError (a ValueError): wrong image rank or channel count, bad option values,
+            a model whose input or output is not 3D channels-last.
+    """
+    fixed_dims, channels = _model_input(model)
+    image = np.asarray(image)
+    if image.ndim != 4:
+        raise InferenceError(
+            f"image: expected [D, H, W, C] (channels last, no batch axis), got shape {image.shape}"
+        )
+    if channels is not None and image.shape[3] != channels:
+        raise InferenceError(
+            f"image: has {image.shape[3]} channel(s), the model expects {channels} "
+            f"(input shape {model.input_shape})"
+        )
+    if not np.issubdtype(image.dtype, np.number) or np.iscomplexobj(image):
+        raise InferenceError(f"image: expected real numbers, got dtype {image.dtype}")
+    image = image.astype(np.float32, copy=False)
+    if not np.all(np.isfinite(image)):
+        raise InferenceError("image: contains NaN or Inf values")
+    if isinstance(window_batch, bool) or not isinstance(window_batch, (int, np.integer)) or window_batch < 1:
+        raise InferenceError(f"window_batch: expected a positive integer, got {window_batch!r}")
+    if not (isinstance(overlap, (int, float)) and 0.0 <= overlap < 1.0):
+        raise InferenceError(f"overlap: expected a fraction in [0, 1), got {overlap!r}")
+    if not (isinstance(gaussian_sigma, (int, float)) and gaussian_sigma > 0):
+        raise InferenceError(f"gaussian_sigma: expected a positive number, got {gaussian_sigma!r}")
+    flips = _flip_sets(tta)
+
+    fixed = all(d is not None for d in fixed_dims)
+    if any(d is not None for d in fixed_dims) and not fixed:
+        raise InferenceError(
+            f"model: spatial input dims {fixed_dims} mix fixed and None; expected all fixed or all None"
+        )
+    if window is not None:
+        window = _triple_int(window, "window")
+    if fixed:
+        if window is not None and window != tuple(fixed_dims):
+            raise InferenceError(
+                f"window: {window} differs from the model's fixed input size {tuple(fixed_dims)}"
+            )
+        window = tuple(int(d) for d in fixed_dims)
+    elif window is None:
+        window = tuple(-(-s // divisor) * divisor for s in image.shape[:3])
+    if any(w % divisor for w in window):
+        raise InferenceError(f"window: {window} must be multiples of {divisor} (the network's pooling)")
+
+    total = None
+    for axes in flips:
+        x = np.flip(image, axes) if axes else image
+        p = _predict_once(model, x, window, fixed, overlap, gaussian_sigma, int(window_batch), divisor)
+        p = np.flip(p, axes) if axes else p
+        # float64 sum: the mean does not depend on the order of the flips (exact TTA symmetry).
+        total = p.astype(np.float64) if total is None else total + p
+    return (total / len(flips)).astype(np.float32)
+
+
+# --------------------------------------------------------------------------------------------
+# Models and run directories
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Predictor:
+    """A model ready for :func:`predict_files`, with what is needed around it.
+
+    Attributes:
+        model: the Keras model.
+        preprocessor: the training preprocessing (z-score only for a bare ``.keras`` file).
+        label_names: names by label id (None when unknown).
+        window: the training patch size (patch-mode runs) or None (whole volumes).
+        source: where the model came from.
+    """
+
+    model: keras.Model
+    preprocessor: Preprocessor
+    label_names: Optional[list]
+    window: Optional[tuple]
+    source: str
+
+
+def _load_keras_file(path: Path) -> keras.Model:
+    # Importing these registers the package's custom layers/losses/metrics for deserialisation.
+    import tf_explog.layers  # noqa: F401
+    import tf_explog.losses  # noqa: F401
+    import tf_explog.metrics  # noqa: F401
+
+    if not path.is_file():
+        raise ModelNotFoundError(f"{path}: model file not found")
+    if path.suffix != ".keras":
+        raise InferenceError(f"{path}: expected a run directory or a .keras model file")
+    try:
+        return keras.saving.load_model(path, compile=False)
+    except Exception as exc:  # Keras raises many types for a corrupt archive
+        raise InferenceError(f"{path}: cannot load the Keras model ({type(exc).__name__}: {exc})") from exc
+
+
+def load_predictor(model: Union[PathLike, keras.Model]) -> Predictor:
+    """Load a run directory, a ``.keras`` file or wrap an in-memory model.
+
+    A run directory supplies the preprocessor, label names and (patch-mode runs) the window
+    from ``run.json`` and loads ``checkpoints/best.keras`` (``final.keras`` when there is no
+    best checkpoint). A ``.keras`` file or a model gets a plain whole-volume z-score.
+
+    Args:
+        model: run directory, ``.keras`` file or ``keras.Model``.
+
+    Returns:
+        A :class:`Predictor`.
+
+    Raises:
+        ModelNotFoundError / FileNotFoundError: missing path, run.json or checkpoint.
+        InferenceError: unreadable model file or malformed run.json.
+    """
+    if isinstance(model, keras.Model):
+        return Predictor(model, Preprocessor(normalization="zscore"), None, None, "<in-memory model>")
+    path = Path(model)
+    if not path.exists():
+        raise ModelNotFoundError(
+            f"{path}: not found; expected a run directory (with run.json) or a .keras model file"
+        )
+    if not path.is_dir():
+        return Predictor(_load_keras_file(path), Preprocessor(normalization="zscore"), None, None,
+                         str(path))
+
+    from tf_explog.training import load_run_info  # TensorFlow; only needed for run directories
+
+    info = load_run_info(path)
+    run_json = path / "run.json"
+    try:
+        preprocessor = Preprocessor.from_dict(info["preprocessor"])
+    except KeyError:
+        raise InferenceError(f"{run_json}: missing the 'preprocessor' entry") from None
+    except ValueError as exc:
+        raise InferenceError(f"{run_json}: invalid 'preprocessor' entry: {exc}") from exc
+    label_names = info.get("label_names")
+    if label_names is not None and not isinstance(label_names, list):
+        raise InferenceError(f"{run_json}: 'label_names' must be a list, got {label_names!r}")
+    candidates = [info.get("best_checkpoint", "checkpoints/best.keras"),
+                  info.get("final_model", "checkpoints/final.keras")]
+    checkpoint = next((path / c for c in candidates if c and (path / c).is_file()), None)
+    if checkpoint is None:
+        raise ModelNotFoundError(f"{path}: no model checkpoint found (looked for {candidates})")
+    keras_model = _load_keras_file(checkpoint)
+    window = None
+    data = (info.get("config") or {}).get("data") or {}
+    if data.get("mode") == "patch" and data.get("patch_size"):
+        window = _triple_int(data["patch_size"], f"{run_json}: config.data.patch_size")
+    _, channels = _model_input(keras_model)
+    expected = info.get("num_channels")
+    if expected is not None and channels is not None and int(expected) != channels:
+        raise InferenceError(
+            f"{run_json}: num_channels={expected} but {checkpoint} expects {channels} channel(s)"
+        )
+    return Predictor(keras_model, preprocessor, label_names, window, str(path))
+
+
+# --------------------------------------------------------------------------------------------
+# predict_files
+# --------------------------------------------------------------------------------------------
+
+
+def _strip_nifti_suffix(name: str) -> str:
+    for suffix in _NIFTI_SUFFIXES:
+        if name.endswith(suffix):
+            return name[: -len(suffix)]
+    return name
+
+
+def _list_inputs(inputs: PathLike) -> list:
+    path = Path(inputs)
+    if not path.exists():
+        raise NiftiError(f"{path}: input not found; expected a NIfTI file or a directory of them")
+    if path.is_dir():
+        files = sorted(p for p in path.iterdir()
+                       if p.is_file() and p.name.endswith(_NIFTI_SUFFIXES) and not p.name.startswith("."))
+        if not files:
+            raise NiftiError(f"{path}: directory holds no .nii or .nii.gz files")
+        return files
+    if not path.name.endswith(_NIFTI_SUFFIXES):
+        raise NiftiError(f"{path}: not a NIfTI file (expected a .nii or .nii.gz name)")
+    return [path]
+
+
+def output_paths(input_path: PathLike, output_dir: PathLike) -> tuple:
+    """``(segmentation path, probabilities path)`` for one input file.
+
+    The segmentation keeps the input's file name; probabilities go to
+    ``<name without .nii/.nii.gz>_probabilities.nii.gz``.
+    """
+    name = Path(input_path).name
+    out = Path(output_dir)
+    return out / name, out / (_strip_nifti_suffix(name) + PROBABILITIES_SUFFIX)
+
+
+def _to_original_labels(probs, record, preprocessor: Preprocessor, want_probabilities: bool):
+    """Canonical-grid label ids (and probabilities) from probabilities on the preprocessed grid.
+
+    With only crops/pads in the record, ``argmax`` then :func:`invert_labels` is exact and
+    identical to inverting the probabilities first (pure index selection; cropped-away regions
+    are background either way), and avoids a ``K``-channel copy at full size. With any
+    resampling, probabilities are resampled linearly first (as nnU-Net does), then argmax, so
+    the written labels are the argmax of the written probabilities.
+    """
+    resampled = any(step["op"] in ("resample", "resize") for step in record["steps"])
+    canon_probs = None
+    if resampled or want_probabilities:
+        canon_probs = invert_probabilities(probs, record)
+    if resampled:
+        labels = np.argmax(canon_probs, axis=-1).astype(np.int32)
+    else:
+        labels = invert_labels(np.argmax(probs, axis=-1).astype(np.int32), record)
+    if preprocessor.label_map is not None:
+        labels = invert_label_map(labels, preprocessor.label_map)
+    return labels, canon_probs
+
+
+def predict_files(
+    model: Union[PathLike, keras.Model],
+    inputs: PathLike,
+    output_dir: PathLike,
+    *,
+    overwrite: bool = False,
+    save_probabilities: bool = False,
+    tta: Union[bool, Sequence[int]] = False,
+    window: Union[None, int, Sequence[int]] = None,
+    window_batch: int = 1,
+    overlap: float = 0.5,
+    progress: bool = True,
+) -> list:
+    """Segment NIfTI files into label maps aligned voxel for voxel with the inputs.
+
+    For each file: read and reorient to canonical RAS (:func:`load_volume`), preprocess as in
+    training (``Preprocessor.forward``, image only), :func:`predict_volume`, undo the
+    preprocessing onto the canonical input grid (see :func:`_to_original_labels` for the
+    exact order), map label ids back to original label values when the preprocessor has a
+    label map (each id to the first value it lists), and write with :func:`save_like`: the
+    output has the input's shape, affine, orientation and header.
+
+    Every input header and every output path is checked before anything is written.
+
+    Args:
+        model: run directory (``run.json`` + ``checkpoints/best.keras``), ``.keras`` file
+            (z-score normalisation only, label ids written as they are) or a ``keras.Model``.
+        inputs: a .nii/.nii.gz file or a directory of them (hidden files skipped).
+        output_dir: created if missing; outputs keep the input file names.
+        overwrite: replace existing outputs.
+        save_probabilities: also write ``<name>_probabilities.nii.gz`` (float32, 4D
+            ``[..., K]`` on the input's grid).
+        tta: flip test-time augmentation (see :func:`predict_volume`).
+        window: sliding-window size; default: the run's patch size (patch-mode runs), else
+            whole volumes.
+        window_batch: windows per model call.
+        overlap: sliding-window overlap fraction.
+        progress: show a progress bar.
+
+    Returns:
+        The written segmentation paths, in input order.
+
+    Raises:
+        ModelNotFoundError / FileNotFoundError: missing model path, run directory or run.json.
+        InferenceError / NiftiError (ValueErrors): unreadable model, input that is not a NIfTI,
+            wrong dimensionality or channel count, output that would replace its input.
+        FileExistsError: an output exists and ``overwrite`` is false (nothing is written).
+    """
+    predictor = load_predictor(model)
+    files = _list_inputs(inputs)
+    _, channels = _model_input(predictor.model)
+    output_dir = Path(output_dir)
+
+    targets = []
+    for f in files:
+        _, _, n_channels = canonical_geometry(f)  # header only: wrong dims raise NiftiError here
+        if channels is not None and n_channels != channels:
+            raise InferenceError(
+                f"{f}: has {n_channels} channel(s), the model ({predictor.source}) expects {channels}"
+            )
+        seg, prob = output_paths(f, output_dir)
+        if seg.resolve() == f.resolve():
+            raise InferenceError(f"{f}: output would replace the input; choose another output_dir")
+        targets.append((f, seg, prob))
+    if not overwrite:
+        existing = [str(p) for _, seg, prob in targets
+                    for p in ((seg, prob) if save_probabilities else (seg,)) if p.exists()]
+        if existing:
+            raise FileExistsError(
+                f"{len(existing)} output(s) already exist (pass overwrite=True, or --overwrite "
+                "on the command line, to replace them): "
+                + ", ".join(existing[:5]) + (" ..." if len(existing) > 5 else "")
+            )
+
+    window = predictor.window if window is None else window
+    bar = keras.utils.Progbar(len(targets), unit_name="volume") if progress else None
+    written = []
+    for i, (f, seg, prob) in enumerate(targets):
+        volume = load_volume(f, kind="image")
+        image, _, record = predictor.preprocessor.forward(volume)
+        probs = predict_volume(predictor.model, image, window=window, overlap=overlap, tta=tta,
+                               window_batch=window_batch)
+        names = predictor.label_names
+        if names is not None and probs.shape[-1] != len(names):
+            raise InferenceError(
+                f"{predictor.source}: the model predicts {probs.shape[-1]} labels but run.json "
+                f"lists {len(names)} label names"
+            )
+        labels, canon_probs = _to_original_labels(probs, record, predictor.preprocessor,
+                                                  save_probabilities)
+        written.append(save_like(labels, volume, seg, overwrite=overwrite))
+        if save_probabilities:
+            save_like(canon_probs, volume, prob, overwrite=overwrite)
+        if bar is not None:
+            bar.update(i + 1)
+    return written
