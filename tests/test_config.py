@@ -26,7 +26,8 @@ def test_shipped_configs_load():
 
 def test_paper_config_is_the_paper():
     c = load_config(REPO / "train_configs" / "paper.yaml")
-    assert c.data.mode == "volume" and c.data.preprocess.shape == [128, 128, 128]
+    assert c.data.mode == "volume" and c.data.preprocess.resize_shape == 128
+    assert c.data.preprocess.preset == "paper"
     assert c.train.batch_size == 1 and c.train.optimizer == "nadam"
     assert c.train.learning_rate == 1e-3 and c.train.epochs == 100
     assert c.data.augment.probability == 0.8 and c.model.aux_outputs == 0
@@ -78,7 +79,7 @@ def test_dump_round_trips():
     (["loss.class_weights=sometimes"], "loss.class_weights"),
     (["loss.params={gamma_dice: -1}"], "loss.params"),
     (["loss.params={colour: 1}"], "loss.params"),
-    (["data.preprocess.normalize=minmax"], "data.preprocess.normalize"),
+    (["data.preprocess.normalization=minmax"], "data.preprocess.normalization"),
     (["data.dataset=''"], "data.dataset"),
 ])
 def test_errors_name_the_key(overrides, key):

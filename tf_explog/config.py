@@ -24,33 +24,24 @@ class ConfigError(ValueError):
 
 @dataclass
 class PreprocessConfig:
+    """Options of `tf_explog.data.preprocess.Preprocessor` (see its docstring)."""
+
     preset: Optional[str] = None  # "paper": isotropic at the smallest spacing, cube, resize
-    spacing: Optional[Union[str, list[float]]] = None  # mm per axis, or "min"
-    shape: Optional[list[int]] = None
-    normalize: Optional[str] = "zscore"  # zscore | zscore_nonzero | null
+    target_spacing: Optional[Union[str, float, list[float]]] = None  # mm, or "min"
+    pad_to_cube: bool = False
+    resize_shape: Optional[Union[int, list[int]]] = None
+    target_shape: Optional[Union[int, list[int]]] = None
+    normalization: Optional[str] = "zscore"  # zscore | zscore_nonzero | null
     clip_percentiles: Optional[list[float]] = None
     image_order: int = 1
 
     def validate(self, key):
-        _choice(f"{key}.preset", self.preset, (None, "paper"))
-        _choice(f"{key}.normalize", self.normalize, (None, "zscore", "zscore_nonzero"))
-        _choice(f"{key}.image_order", self.image_order, (1, 3))
-        if isinstance(self.spacing, str):
-            _choice(f"{key}.spacing", self.spacing, ("min",))
-        elif self.spacing is not None:
-            _length(f"{key}.spacing", self.spacing, 3)
-            _positive(f"{key}.spacing", self.spacing)
-        if self.shape is not None:
-            _length(f"{key}.shape", self.shape, 3)
-            _positive(f"{key}.shape", self.shape)
-        if self.clip_percentiles is not None:
-            _length(f"{key}.clip_percentiles", self.clip_percentiles, 2)
-            lo, hi = self.clip_percentiles
-            if not 0 <= lo < hi <= 100:
-                raise ConfigError(
-                    f"{key}.clip_percentiles must be [low, high] with 0 <= low < high <= 100; "
-                    f"got {self.clip_percentiles}."
-                )
+        from tf_explog.data.preprocess import Preprocessor  # numpy/scipy only
+
+        try:
+            Preprocessor(**dataclasses.asdict(self))
+        except ValueError as err:
+            raise ConfigError(f"{key}.{err}") from None
 
 
 @dataclass
@@ -58,7 +49,8 @@ class AugmentConfig:
     enabled: bool = True
     probability: float = 0.8
     rotation: float = 30.0  # degrees
-    rotation_axes: str = "one"  # one | all
+    # axes rotated about (canonical RAS: 2 = superior, i.e. in-plane axial rotation) or "all"
+    rotation_axes: Union[str, list[int]] = field(default_factory=lambda: [2])
     shift: float = 0.2  # fraction of the size
     zoom: list[float] = field(default_factory=lambda: [0.8, 1.2])
 
@@ -66,7 +58,12 @@ class AugmentConfig:
         _range(f"{key}.probability", self.probability, 0.0, 1.0)
         _range(f"{key}.rotation", self.rotation, 0.0, 180.0)
         _range(f"{key}.shift", self.shift, 0.0, 1.0)
-        _choice(f"{key}.rotation_axes", self.rotation_axes, ("one", "all"))
+        if isinstance(self.rotation_axes, str):
+            _choice(f"{key}.rotation_axes", self.rotation_axes, ("all",))
+        elif not self.rotation_axes or not set(self.rotation_axes) <= {0, 1, 2} or len(
+                set(self.rotation_axes)) != len(self.rotation_axes):
+            raise ConfigError(f"{key}.rotation_axes must be \"all\" or distinct axes from "
+                              f"[0, 1, 2]; got {self.rotation_axes!r}.")
         _length(f"{key}.zoom", self.zoom, 2)
         if not 0 < self.zoom[0] <= self.zoom[1]:
             raise ConfigError(f"{key}.zoom must be [low, high] with 0 < low <= high; "
@@ -107,6 +104,7 @@ class ModelConfig:
     noise_std: float = 1.0
     dropout: float = 0.5
     aux_outputs: int = 0  # 0 = the paper's fused head alone; up to 3 auxiliary heads
+    bn_momentum: float = 0.99  # not given by the paper; Keras' default
 
     def validate(self, key):
         _length(f"{key}.filters", self.filters, 5)
@@ -118,6 +116,7 @@ class ModelConfig:
         _range(f"{key}.noise_std", self.noise_std, 0.0, 100.0)
         _range(f"{key}.dropout", self.dropout, 0.0, 0.99)
         _range(f"{key}.aux_outputs", self.aux_outputs, 0, 3)
+        _range(f"{key}.bn_momentum", self.bn_momentum, 0.0, 0.9999)
 
 
 @dataclass
