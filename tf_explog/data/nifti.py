@@ -1,0 +1,547 @@
+"""NIfTI reading and writing with canonical (RAS) orientation and label maps.
+
+Volumes are read with nibabel and reoriented to the closest canonical orientation (RAS+: the
+first array axis points Right, the second Anterior, the third Superior) by axis permutation and
+flips only, never by interpolation, so the round trip back to the file's own orientation is
+exact. The original affine, shape and header are kept so that predictions computed on the
+canonical grid can be written back onto the input's grid with :func:`save_like`.
+
+Conventions: images come out as float32 ``[D, H, W, C]`` (``C = 1`` for 3D files, the fourth
+axis of a 4D file is the channel axis); labels as int32 ``[D, H, W]``.
+
+This module does not import TensorFlow.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Iterator, Mapping, Union
+
+import nibabel as nib
+import numpy as np
+from nibabel import orientations as nib_ornt
+
+__all__ = [
+    "NiftiError",
+    "NiftiFileNotFoundError",
+    "Volume",
+    "load_volume",
+    "read_header",
+    "canonical_geometry",
+    "to_original_orientation",
+    "to_canonical_orientation",
+    "save_like",
+    "LabelMap",
+    "apply_label_map",
+    "invert_label_map",
+    "atomic_write_path",
+]
+
+PathLike = Union[str, os.PathLike]
+_KINDS = ("image", "label")
+_NIFTI_SUFFIXES = (".nii", ".nii.gz")
+
+
+class NiftiError(ValueError):
+    """A NIfTI file (or an array meant for one) is unusable; the message names the file."""
+
+
+class NiftiFileNotFoundError(NiftiError, FileNotFoundError):
+    """A NIfTI file does not exist (both a :class:`ValueError` and a :class:`FileNotFoundError`)."""
+
+
+@dataclass
+class Volume:
+    """One volume read from disk, in canonical RAS orientation.
+
+    Attributes:
+        array: canonical data; images float32 ``[D, H, W, C]``, labels int32 ``[D, H, W]``.
+        affine: 4x4 voxel-to-world (mm) affine of ``array``.
+        original_affine: the file's own affine (the one nibabel reports).
+        original_shape: the file's own data shape (3D or 4D).
+        header: a copy of the file's header.
+        path: the file the volume came from ("" for volumes built in memory).
+        spacing: voxel size in mm along the canonical axes ``(D, H, W)``.
+        orientation: nibabel orientation array (``[3, 2]``) taking the file's axes to the
+            canonical ones; :func:`to_original_orientation` applies its inverse.
+        kind: "image" or "label".
+    """
+
+    array: np.ndarray
+    affine: np.ndarray
+    original_affine: np.ndarray
+    original_shape: tuple
+    header: nib.Nifti1Header
+    path: str
+    spacing: tuple
+    orientation: np.ndarray = field(repr=False)
+    kind: str = "image"
+
+    @property
+    def original_axcodes(self) -> tuple:
+        """Axis codes of the file's orientation, e.g. ``("L", "I", "A")``."""
+        return nib.aff2axcodes(self.original_affine)
+
+    @property
+    def spatial_shape(self) -> tuple:
+        """Canonical spatial shape ``(D, H, W)``."""
+        return tuple(int(s) for s in self.array.shape[:3])
+
+
+def _describe(path: PathLike) -> str:
+    return os.fspath(path) if path else "<in-memory volume>"
+
+
+def _check_kind(kind: str) -> None:
+    if kind not in _KINDS:
+        raise ValueError(f"kind must be one of {_KINDS}, got {kind!r}")
+
+
+def _load_image(path: PathLike):
+    """nib.load with every failure turned into a NiftiError naming the file."""
+    p = os.fspath(path)
+    if not os.path.exists(p):
+        raise NiftiFileNotFoundError(f"{p}: file not found")
+    if os.path.isdir(p):
+        raise NiftiError(f"{p}: is a directory, expected a .nii or .nii.gz file")
+    try:
+        img = nib.load(p)
+    except Exception as exc:  # nibabel raises many types for bad headers; report them all alike
+        raise NiftiError(f"{p}: cannot read NIfTI header ({type(exc).__name__}: {exc})") from exc
+    if not hasattr(img, "affine") or img.affine is None:
+        raise NiftiError(f"{p}: not a spatial image with an affine")
+    return img
+
+
+def read_header(path: PathLike) -> tuple:
+    """Read only the header of a NIfTI file (no voxel data are decoded).
+
+    Args:
+        path: a .nii or .nii.gz file.
+
+    Returns:
+        ``(shape, affine)``: the file's data shape and its 4x4 affine (float64).
+
+    Raises:
+        NiftiFileNotFoundError: the file does not exist.
+        NiftiError: the header cannot be parsed.
+    """
+    img = _load_image(path)
+    return tuple(int(s) for s in img.shape), np.asarray(img.affine, dtype=np.float64)
+
+
+def canonical_geometry(path: PathLike) -> tuple:
+    """Canonical spatial shape, spacing and channel count of a file, from its header only.
+
+    Args:
+        path: a .nii or .nii.gz image.
+
+    Returns:
+        ``(shape (D, H, W), spacing (mm, canonical axes), channels)``; channels is 1 for 3D.
+
+    Raises:
+        NiftiError: unreadable header or not 3D/4D.
+    """
+    shape, affine = read_header(path)
+    if len(shape) not in (3, 4):
+        raise NiftiError(
+            f"{os.fspath(path)}: image has {len(shape)} dimensions {shape}; expected 3D or 4D"
+        )
+    ornt = nib_ornt.io_orientation(affine)
+    canon = [0, 0, 0]
+    for axis, (target, _) in enumerate(ornt):
+        canon[int(target)] = shape[axis]
+    canon_affine = affine @ nib_ornt.inv_ornt_aff(ornt, shape[:3])
+    spacing = tuple(float(s) for s in np.sqrt((canon_affine[:3, :3] ** 2).sum(axis=0)))
+    return tuple(canon), spacing, (shape[3] if len(shape) == 4 else 1)
+
+
+def _decode(img, path: PathLike) -> np.ndarray:
+    try:
+        return np.asanyarray(img.dataobj)
+    except Exception as exc:  # truncated gzip: EOFError, zlib.error, OSError or ValueError
+        raise NiftiError(
+            f"{os.fspath(path)}: cannot decode voxel data, the file is truncated or corrupt "
+            f"({type(exc).__name__}: {exc})"
+        ) from exc
+
+
+def _as_int_labels(data: np.ndarray, path: PathLike) -> np.ndarray:
+    """Labels as int32; float storage is accepted only when every value is a whole number."""
+    p = _describe(path)
+    if np.issubdtype(data.dtype, np.bool_):
+        return data.astype(np.int32)
+    if np.issubdtype(data.dtype, np.integer):
+        info = np.iinfo(np.int32)
+        if data.size and (data.min() < info.min or data.max() > info.max):
+            raise NiftiError(f"{p}: label values do not fit in int32")
+        return data.astype(np.int32, copy=False)
+    if np.issubdtype(data.dtype, np.floating):
+        if not np.all(np.isfinite(data)):
+            raise NiftiError(f"{p}: label volume contains NaN or Inf values")
+        if not np.array_equal(data, np.round(data)):
+            bad = data[data != np.round(data)]
+            raise NiftiError(
+                f"{p}: label volume holds non-integer values (e.g. {float(bad.flat[0])!r}); "
+                "expected integer label ids"
+            )
+        return data.astype(np.int32)
+    raise NiftiError(f"{p}: unsupported label data type {data.dtype}, expected integers")
+
+
+def load_volume(
+    path: PathLike,
+    *,
+    kind: str = "image",
+    label_map: "LabelMap | Mapping | None" = None,
+    unknown: str = "background",
+    allow_nonfinite: bool = False,
+) -> Volume:
+    """Read a NIfTI image or label volume and reorient it to canonical RAS.
+
+    Args:
+        path: a .nii or .nii.gz file.
+        kind: "image" (3D or 4D with a channel axis; returned float32 ``[D, H, W, C]``) or
+            "label" (3D integer ids, or 4D with a single channel; returned int32 ``[D, H, W]``).
+        label_map: labels only: ``{new_id: [original values]}`` applied after reading
+            (see :func:`apply_label_map`).
+        unknown: labels only, with ``label_map``: "background" or "raise" for values not in it.
+        allow_nonfinite: images only: accept NaN/Inf intensities instead of raising.
+
+    Returns:
+        A :class:`Volume`.
+
+    Raises:
+        NiftiFileNotFoundError: missing file.
+        NiftiError: unreadable/truncated file, wrong dimensionality, non-integer labels,
+            non-finite intensities, label values outside ``label_map`` with ``unknown="raise"``.
+    """
+    _check_kind(kind)
+    if label_map is not None and kind != "label":
+        raise ValueError("label_map applies to kind='label' only")
+    p = os.fspath(path)
+    img = _load_image(p)
+    data = _decode(img, p)
+    original_shape = tuple(int(s) for s in data.shape)
+    if kind == "image":
+        if data.ndim == 3:
+            data = data[..., np.newaxis]
+        elif data.ndim != 4:
+            raise NiftiError(
+                f"{p}: image has {data.ndim} dimensions {original_shape}; expected 3D [X, Y, Z] "
+                "or 4D [X, Y, Z, channels]"
+            )
+        if not (np.issubdtype(data.dtype, np.number) or np.issubdtype(data.dtype, np.bool_)):
+            raise NiftiError(f"{p}: unsupported image data type {data.dtype}")
+        if np.iscomplexobj(data):
+            raise NiftiError(f"{p}: complex-valued images are not supported")
+        data = data.astype(np.float32, copy=False)
+        if not allow_nonfinite and not np.all(np.isfinite(data)):
+            n_bad = int(np.count_nonzero(~np.isfinite(data)))
+            raise NiftiError(f"{p}: image contains {n_bad} NaN/Inf intensity values")
+    else:
+        if data.ndim == 4 and data.shape[3] == 1:
+            data = data[..., 0]
+        if data.ndim != 3:
+            raise NiftiError(
+                f"{p}: label volume has shape {original_shape}; expected 3D [X, Y, Z] "
+                "(or 4D with a single channel)"
+            )
+        data = _as_int_labels(data, p)
+        if label_map is not None:
+            data = apply_label_map(data, label_map, unknown=unknown, source=p)
+    original_affine = np.asarray(img.affine, dtype=np.float64)
+    ornt = nib_ornt.io_orientation(original_affine)
+    canonical = np.ascontiguousarray(nib_ornt.apply_orientation(data, ornt))
+    affine = original_affine @ nib_ornt.inv_ornt_aff(ornt, data.shape[:3])
+    spacing = tuple(float(s) for s in np.sqrt((affine[:3, :3] ** 2).sum(axis=0)))
+    return Volume(
+        array=canonical,
+        affine=affine,
+        original_affine=original_affine,
+        original_shape=original_shape,
+        header=img.header.copy(),
+        path=p,
+        spacing=spacing,
+        orientation=ornt,
+        kind=kind,
+    )
+
+
+def _inverse_orientation(ornt: np.ndarray) -> np.ndarray:
+    """Orientation array undoing ``ornt`` (canonical axes back to the file's axes)."""
+    identity = np.array([[0, 1], [1, 1], [2, 1]], dtype=float)
+    return nib_ornt.ornt_transform(identity, ornt)
+
+
+def to_canonical_orientation(array: np.ndarray, volume: Volume) -> np.ndarray:
+    """Reorient an array on the volume's *file* grid to canonical orientation.
+
+    Args:
+        array: data on the file's grid, spatial axes first (extra trailing axes are kept).
+        volume: the :class:`Volume` whose orientation to use.
+
+    Returns:
+        The reoriented array (a view where possible).
+    """
+    return nib_ornt.apply_orientation(np.asarray(array), volume.orientation)
+
+
+def to_original_orientation(array: np.ndarray, volume: Volume) -> np.ndarray:
+    """Undo :func:`load_volume`'s reorientation, voxel for voxel.
+
+    Args:
+        array: canonical-orientation data whose first three axes have ``volume``'s canonical
+            spatial shape (extra trailing axes, e.g. channels or classes, are kept).
+        volume: the reference :class:`Volume`.
+
+    Returns:
+        The array on the file's own axes (a view where possible).
+
+    Raises:
+        ValueError: spatial shape differs from the volume's canonical shape.
+    """
+    array = np.asarray(array)
+    if array.ndim < 3 or tuple(array.shape[:3]) != volume.spatial_shape:
+        raise ValueError(
+            f"array: spatial shape {tuple(array.shape[:3])} does not match the canonical shape "
+            f"{volume.spatial_shape} of {_describe(volume.path)}"
+        )
+    return nib_ornt.apply_orientation(array, _inverse_orientation(volume.orientation))
+
+
+@contextlib.contextmanager
+def atomic_write_path(path: PathLike, *, overwrite: bool = False) -> Iterator[str]:
+    """Context manager yielding a temporary path next to ``path``, renamed onto it on success.
+
+    The temporary file keeps ``path``'s suffix (nibabel picks compression from it). On any
+    exception the temporary file is removed and ``path`` is left untouched.
+
+    Raises:
+        FileExistsError: ``path`` exists and ``overwrite`` is false.
+    """
+    target = Path(path)
+    if target.exists() and not overwrite:
+        raise FileExistsError(f"{target}: already exists (pass overwrite=True to replace it)")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    name = target.name
+    suffix = ".nii.gz" if name.endswith(".nii.gz") else target.suffix
+    fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=f".tmp{suffix}", dir=target.parent)
+    os.close(fd)
+    try:
+        yield tmp
+        os.replace(tmp, target)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def _storage_dtype(array: np.ndarray) -> np.ndarray:
+    """Cast to a dtype NIfTI readers handle everywhere (no bool, no 64-bit)."""
+    if array.dtype == np.bool_:
+        return array.astype(np.uint8)
+    if np.issubdtype(array.dtype, np.integer):
+        lo, hi = (int(array.min()), int(array.max())) if array.size else (0, 0)
+        for dt in (np.uint8, np.int16, np.int32):
+            if np.iinfo(dt).min <= lo and hi <= np.iinfo(dt).max:
+                return array.astype(dt, copy=False)
+        raise ValueError("array: integer values do not fit in int32")
+    if np.issubdtype(array.dtype, np.floating):
+        return array.astype(np.float32, copy=False)
+    raise ValueError(f"array: unsupported dtype {array.dtype} for NIfTI output")
+
+
+def save_like(
+    array: np.ndarray, reference: Volume, path: PathLike, *, overwrite: bool = False
+) -> Path:
+    """Write a canonical-orientation array onto the reference file's grid, atomically.
+
+    The output has the reference's original orientation, shape and affine, and a copy of its
+    header (data type and dimensions updated), so it overlays the input in any viewer.
+
+    Args:
+        array: ``[D, H, W]`` or ``[D, H, W, K]`` in canonical orientation, spatial shape equal
+            to ``reference.array.shape[:3]``. Integers are stored in the smallest of
+            uint8/int16/int32 that fits, floats as float32.
+        reference: the :class:`Volume` the array belongs to.
+        path: output .nii or .nii.gz file.
+        overwrite: replace an existing file.
+
+    Returns:
+        The written path.
+
+    Raises:
+        ValueError: wrong shape/dtype or a path without a NIfTI suffix.
+        FileExistsError: ``path`` exists and ``overwrite`` is false.
+    """
+    path = Path(path)
+    if not path.name.endswith(_NIFTI_SUFFIXES):
+        raise ValueError(f"path: {path} must end in .nii or .nii.gz")
+    data = _storage_dtype(np.asarray(array))
+    data = np.ascontiguousarray(to_original_orientation(data, reference))
+    header = reference.header.copy()
+    image_cls = nib.Nifti2Image if isinstance(header, nib.Nifti2Header) else nib.Nifti1Image
+    if not isinstance(header, (nib.Nifti1Header, nib.Nifti2Header)):
+        header = None  # a non-NIfTI reference (e.g. MGH): fall back to a fresh NIfTI header
+    img = image_cls(data, reference.original_affine, header=header)
+    img.header.set_data_dtype(data.dtype)
+    # No intensity scaling: values are stored exactly as given.
+    img.header.set_slope_inter(1.0, 0.0)
+    with atomic_write_path(path, overwrite=overwrite) as tmp:
+        nib.save(img, tmp)
+    return path
+
+
+# --------------------------------------------------------------------------------------------
+# Label maps
+# --------------------------------------------------------------------------------------------
+
+_UNKNOWN = ("background", "raise")
+
+
+@dataclass(frozen=True)
+class LabelMap:
+    """Map from contiguous label ids to the original label values they merge.
+
+    ``LabelMap({1: [2, 41], 2: [3, 42]})`` makes id 1 of FreeSurfer's left and right cerebral
+    white matter (2, 41) and id 2 of the cortex (3, 42). Id 0 is background: original value 0
+    always maps to 0 unless listed elsewhere.
+
+    Attributes:
+        mapping: ``{new_id: (original values, ...)}`` with new ids ``>= 0``.
+    """
+
+    mapping: Mapping
+
+    def __post_init__(self) -> None:
+        clean = {}
+        seen = {}
+        if not isinstance(self.mapping, Mapping):
+            raise ValueError(
+                "label_map: expected a dict {new_id: [values]}, "
+                f"got {type(self.mapping).__name__}"
+            )
+        for key, values in self.mapping.items():
+            # JSON turns integer keys into strings, so "1" is accepted like 1.
+            if isinstance(key, (int, np.integer)) and not isinstance(key, (bool, np.bool_)):
+                new_id = int(key)
+            elif isinstance(key, str) and key.strip().lstrip("-").isdigit():
+                new_id = int(key)
+            else:
+                raise ValueError(f"label_map: key {key!r} is not an integer id")
+            if new_id < 0:
+                raise ValueError(f"label_map: key {key!r} must be a non-negative integer id")
+            if isinstance(values, (int, np.integer)):
+                values = [values]
+            if not isinstance(values, Iterable) or isinstance(values, (str, bytes)):
+                raise ValueError(f"label_map: values of id {new_id} must be a list of integers")
+            vals = []
+            for v in values:
+                if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, np.integer)):
+                    raise ValueError(f"label_map: value {v!r} of id {new_id} is not an integer")
+                v = int(v)
+                if v in seen and seen[v] != new_id:
+                    raise ValueError(
+                        f"label_map: original value {v} is listed under both id {seen[v]} "
+                        f"and {new_id}"
+                    )
+                seen[v] = new_id
+                vals.append(v)
+            if not vals:
+                raise ValueError(f"label_map: id {new_id} lists no original values")
+            if new_id in clean:
+                raise ValueError(f"label_map: id {new_id} appears twice")
+            clean[new_id] = tuple(vals)
+        object.__setattr__(self, "mapping", dict(sorted(clean.items())))
+
+    @classmethod
+    def coerce(cls, label_map: "LabelMap | Mapping") -> "LabelMap":
+        """Return ``label_map`` as a LabelMap (JSON dicts with string keys are accepted)."""
+        return label_map if isinstance(label_map, LabelMap) else cls(label_map)
+
+    @property
+    def num_classes(self) -> int:
+        """Number of ids including background 0: ``max id + 1``."""
+        return max(self.mapping, default=0) + 1
+
+    def forward_table(self) -> dict:
+        """``{original value: new id}`` (0 -> 0 unless 0 is listed)."""
+        table = {0: 0}
+        for new_id, values in self.mapping.items():
+            for v in values:
+                table[v] = new_id
+        return table
+
+    def to_dict(self) -> dict:
+        """JSON-able form: ``{"1": [2, 41], ...}``."""
+        return {str(k): list(v) for k, v in self.mapping.items()}
+
+
+def apply_label_map(
+    labels: np.ndarray,
+    label_map: "LabelMap | Mapping",
+    unknown: str = "background",
+    *,
+    source: PathLike = "",
+) -> np.ndarray:
+    """Turn original label values into contiguous ids.
+
+    Args:
+        labels: integer array of original values.
+        label_map: ``{new_id: [original values]}`` or a :class:`LabelMap`.
+        unknown: what to do with values that are neither 0 nor listed: "background" maps them
+            to 0, "raise" raises a :class:`NiftiError` listing them.
+        source: file name used in error messages.
+
+    Returns:
+        int32 array of new ids, same shape.
+    """
+    if unknown not in _UNKNOWN:
+        raise ValueError(f"unknown must be one of {_UNKNOWN}, got {unknown!r}")
+    lm = LabelMap.coerce(label_map)
+    labels = np.asarray(labels)
+    if not np.issubdtype(labels.dtype, np.integer):
+        raise NiftiError(f"{_describe(source)}: labels must be integers, got {labels.dtype}")
+    table = lm.forward_table()
+    values, inverse = np.unique(labels, return_inverse=True)
+    missing = [int(v) for v in values if int(v) not in table]
+    if missing and unknown == "raise":
+        shown = ", ".join(map(str, missing[:20])) + (" ..." if len(missing) > 20 else "")
+        raise NiftiError(
+            f"{_describe(source)}: label values not in the label map: {shown} "
+            f"(map lists {sorted(table)})"
+        )
+    new_values = np.array([table.get(int(v), 0) for v in values], dtype=np.int32)
+    return new_values[inverse].reshape(labels.shape)
+
+
+def invert_label_map(labels: np.ndarray, label_map: "LabelMap | Mapping") -> np.ndarray:
+    """Map contiguous ids back to original values (each id to the first value it lists).
+
+    Args:
+        labels: integer array of new ids (0 stays 0 unless id 0 is listed).
+        label_map: the map used by :func:`apply_label_map`.
+
+    Returns:
+        int32 array of original label values.
+
+    Raises:
+        ValueError: an id is not in the map.
+    """
+    lm = LabelMap.coerce(label_map)
+    labels = np.asarray(labels)
+    if not np.issubdtype(labels.dtype, np.integer):
+        raise ValueError(f"labels: expected integer ids, got {labels.dtype}")
+    table = {0: 0}
+    table.update({k: v[0] for k, v in lm.mapping.items()})
+    values, inverse = np.unique(labels, return_inverse=True)
+    bad = [int(v) for v in values if int(v) not in table]
+    if bad:
+        raise ValueError(f"labels: ids {bad} are not in the label map (ids {sorted(table)})")
+    out = np.array([table[int(v)] for v in values], dtype=np.int32)
+    return out[inverse].reshape(labels.shape)
