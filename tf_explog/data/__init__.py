@@ -5,8 +5,17 @@ Only ``pipeline`` needs TensorFlow; it is imported lazily so the rest works with
 
 import importlib
 
-_SUBMODULES = {"nifti", "preprocess", "synthetic", "manifest", "cache", "pipeline"}
-_LAZY = {"make_dataset": "pipeline"}
+_SUBMODULES = {"nifti", "preprocess", "synthetic", "manifest", "cache", "pipeline", "pydataset"}
+_LAZY = {
+    "make_dataset": "pipeline",
+    "VolumeSequence": "pydataset",
+    "Manifest": "manifest",
+    "Preprocessor": "preprocess",
+    "load_volume": "nifti",
+    "save_like": "nifti",
+    "label_frequencies": "manifest",
+    "generate_dataset": "synthetic",
+}
 
 
 def __getattr__(name):
