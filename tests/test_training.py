@@ -1,0 +1,271 @@
+"""Training from configs: fit, aux outputs, TensorBoard contents, resume, tf.distribute."""
+
+import csv
+import json
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import keras
+import nibabel as nib
+import numpy as np
+import pytest
+import tensorflow as tf
+import yaml
+
+from tf_explog import training
+from tf_explog.config import config_from_dict
+
+REPO = Path(__file__).resolve().parents[1]
+SIZE = 32
+
+
+def write_two_structure_dataset(root: Path, subjects=6, size=SIZE, seed=0):
+    """A big sphere (label 1) and a small one (label 2) at random places, MSD layout."""
+    rng = np.random.default_rng(seed)
+    grid = np.indices((size,) * 3).transpose(1, 2, 3, 0)
+    (root / "imagesTr").mkdir(parents=True)
+    (root / "labelsTr").mkdir()
+    entries = []
+    affine = np.diag([1.5, 1.5, 1.5, 1.0])
+    for i in range(subjects):
+        labels = np.zeros((size,) * 3, np.uint8)
+        big = rng.uniform(size * 0.35, size * 0.65, 3)
+        labels[np.linalg.norm(grid - big, axis=-1) < size * 0.25] = 1
+        small = rng.uniform(size * 0.2, size * 0.8, 3)
+        labels[np.linalg.norm(grid - small, axis=-1) < size * 0.09] = 2
+        image = np.array([0.0, 2.0, 4.0])[labels] + rng.normal(0, 0.4, labels.shape)
+        name = f"case_{i:02d}.nii.gz"
+        nib.save(nib.Nifti1Image(image.astype(np.float32), affine), root / "imagesTr" / name)
+        nib.save(nib.Nifti1Image(labels, affine), root / "labelsTr" / name)
+        entries.append({"image": f"./imagesTr/{name}", "label": f"./labelsTr/{name}"})
+    (root / "dataset.json").write_text(json.dumps({
+        "name": "two_structures", "modality": {"0": "T1"},
+        "labels": {"0": "background", "1": "big", "2": "small"},
+        "numTraining": subjects, "training": entries, "test": []}))
+    return root / "dataset.json"
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    return write_two_structure_dataset(tmp_path_factory.mktemp("two_structures"))
+
+
+def small_config(dataset, tmp_path, *overrides):
+    raw = {
+        "name": "t", "seed": 1, "runs_dir": str(tmp_path / "runs"),
+        "data": {"dataset": str(dataset), "validation_fraction": 0.34,
+                 "cache_dir": str(Path(dataset).parent / ".cache"),
+                 "augment": {"enabled": False}},
+        "model": {"filters": [8, 8, 16, 16, 16], "encoder_depths": [1, 1, 1, 1, 1],
+                  "decoder_depths": [1, 1, 1, 1], "noise_std": 0.0, "dropout": 0.0,
+                  "bn_momentum": 0.5},
+        "train": {"epochs": 6, "batch_size": 2, "optimizer": "adam",
+                  "learning_rate": 0.01, "verbose": 0, "image_summary_every": 3},
+    }
+    return config_from_dict(raw, list(overrides))
+
+
+def read_scalars(log_dir: Path) -> dict:
+    """{tag: [values]} from every TensorBoard event file under log_dir."""
+    out = {}
+    for path in sorted(log_dir.rglob("events.out.tfevents.*")):
+        for event in tf.compat.v1.train.summary_iterator(str(path)):
+            for value in event.summary.value:
+                if value.metadata.plugin_data.plugin_name == "images" or value.HasField(
+                        "image"):
+                    out.setdefault(f"{path.parent.name}/{value.tag}", []).append("image")
+                    continue
+                number = tf.make_ndarray(value.tensor) if value.HasField("tensor") else (
+                    value.simple_value)
+                out.setdefault(f"{path.parent.name}/{value.tag}", []).append(float(number))
+    return out
+
+
+@pytest.fixture(scope="module")
+def trained(dataset, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("fit")
+    return training.train(small_config(dataset, tmp))
+
+
+def test_fit_lowers_loss_and_raises_dice(trained):
+    loss, dice = trained.history["loss"], trained.history["val_dice"]
+    assert loss[-1] < 0.7 * loss[0], loss
+    assert dice[-1] > dice[0] + 0.2, dice
+    assert trained.history["val_dice_big"][-1] > 0.5
+
+
+def test_run_directory_contents(trained):
+    run = trained.run_dir
+    info = json.loads((run / "run.json").read_text())
+    assert info["label_names"] == ["background", "big", "small"]
+    assert info["num_channels"] == 1 and info["seed"] == 1
+    assert yaml.safe_load((run / "config.yaml").read_text())["train"]["epochs"] == 6
+    for path in (trained.best_checkpoint, trained.final_model, run / "metrics.csv"):
+        assert path.is_file(), path
+    with open(run / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [int(r["epoch"]) for r in rows] == list(range(6))
+    assert {"val_dice_small", "dice_term", "cross_term", "epoch_seconds"} <= set(rows[0])
+    model = keras.saving.load_model(trained.best_checkpoint)
+    assert model.output_shape == (None, None, None, None, 3)
+
+
+def test_tensorboard_has_per_label_dice_terms_lr_and_images(trained):
+    scalars = read_scalars(trained.run_dir / "tensorboard")
+    for tag in ("validation/epoch_dice_small", "validation/epoch_dice_big",
+                "validation/epoch_dice", "train/epoch_loss", "train/epoch_dice_term",
+                "train/epoch_cross_term", "train/epoch_learning_rate"):
+        assert tag in scalars, sorted(scalars)
+        assert len(scalars[tag]) == 6
+    np.testing.assert_allclose(scalars["train/epoch_learning_rate"], 0.01, rtol=1e-6)
+    np.testing.assert_allclose(scalars["validation/epoch_dice"], trained.history["val_dice"],
+                               rtol=1e-5)
+    # image summaries every 3 epochs: epochs 3 and 6, three views each
+    images = [t for t in scalars if t.startswith("images/overlay/")]
+    assert sorted(images) == ["images/overlay/axis0", "images/overlay/axis1",
+                              "images/overlay/axis2"]
+    assert all(len(scalars[t]) == 2 for t in images)
+
+
+def test_overlay_panel_colours_labels():
+    image = np.zeros((16, 16, 16, 1), np.float32)
+    image[8, :, :8] = 1.0  # left half bright: the 1st-99th percentile window is [0, 1]
+    truth = np.zeros((16, 16, 16), np.int32)
+    truth[8, 2:5, 2:5] = 2
+    panel = training.overlay_panel(image, truth, np.zeros_like(truth), 3, axis=0)
+    assert panel.shape == (16, 48, 3)
+    colour = training.label_colours(3)[2]
+    np.testing.assert_allclose(panel[3, 16 + 3], 0.5 * 1.0 + 0.5 * colour, atol=1e-6)
+    np.testing.assert_allclose(panel[3, 32 + 3], 1.0)  # prediction has no label there
+
+
+class Interrupt(keras.callbacks.Callback):
+    def __init__(self, at_epoch):
+        super().__init__()
+        self.at_epoch = at_epoch
+
+    def on_epoch_end(self, epoch, logs=None):
+        if epoch == self.at_epoch:
+            raise KeyboardInterrupt("simulated crash")
+
+
+def test_resume_after_interruption(dataset, tmp_path):
+    config = small_config(dataset, tmp_path, "train.epochs=4", "train.image_summary_every=0")
+    run_dir = tmp_path / "run"
+    with pytest.raises(KeyboardInterrupt):
+        training.train(config, run_dir=run_dir, extra_callbacks=[Interrupt(at_epoch=1)])
+    assert (run_dir / "backup").exists()
+
+    seen = {}
+
+    class Probe(keras.callbacks.Callback):
+        def on_train_begin(self, logs=None):
+            seen["iterations"] = int(self.model.optimizer.iterations.numpy())
+
+        def on_epoch_begin(self, epoch, logs=None):
+            seen.setdefault("epochs", []).append(epoch)
+
+    result = training.train(None, resume=run_dir, extra_callbacks=[Probe()])
+    # epochs 0 and 1 finished before the crash: training continues at epoch 2, with the
+    # optimizer's step count restored (2 batches of 2 per epoch over 4 training volumes)
+    assert seen["epochs"] == [2, 3]
+    assert seen["iterations"] == 2 * 2
+    with open(run_dir / "metrics.csv") as f:
+        assert [int(r["epoch"]) for r in csv.DictReader(f)] == [0, 1, 2, 3]
+    assert int(keras.saving.load_model(result.final_model).optimizer.iterations) == 4 * 2
+
+
+def test_aux_outputs_train_with_label_pyramid(dataset, tmp_path):
+    config = small_config(dataset, tmp_path, "model.aux_outputs=2", "train.epochs=2",
+                          "train.image_summary_every=0")
+    result = training.train(config)
+    assert "val_dice" in result.history and "val_dice_small" in result.history
+    assert "aux_1_loss" in result.history and "aux_2_loss" in result.history
+    model = keras.saving.load_model(result.best_checkpoint)
+    assert sorted(model.output_names) == ["aux_1", "aux_2", "segmentation"]
+
+
+def test_cli_train_and_resume_errors(dataset, tmp_path):
+    from tf_explog import cli
+
+    config_path = tmp_path / "c.yaml"
+    config_path.write_text(yaml.safe_dump({"name": "x", "data": {"dataset": str(dataset)},
+                                           "train": {"epochz": 1}}))
+    assert cli.main(["train", "--config", str(config_path)]) == 2
+    assert cli.main(["train", "--resume", str(tmp_path / "nope")]) == 2
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+DIST_SCRIPT = textwrap.dedent("""
+    import json, os, sys
+    import tensorflow as tf
+    if os.environ.get("LOGICAL_CPUS"):
+        cpu = tf.config.list_physical_devices("CPU")[0]
+        tf.config.set_logical_device_configuration(
+            cpu, [tf.config.LogicalDeviceConfiguration()] * int(os.environ["LOGICAL_CPUS"]))
+    from tf_explog import training
+    from tf_explog.config import config_from_dict
+    config = config_from_dict(json.loads(sys.argv[1]))
+    result = training.train(config, run_dir=sys.argv[2])
+    print("RESULT", json.dumps({k: [float(x) for x in v] for k, v in result.history.items()}))
+""")
+
+
+def _dist_config(dataset, tmp_path, strategy):
+    config = small_config(dataset, tmp_path, f"train.strategy={strategy}", "train.epochs=2",
+                          "train.image_summary_every=0", "train.batch_size=2")
+    raw = config.to_dict()
+    return json.dumps(raw)
+
+
+def test_mirrored_strategy_over_two_logical_cpus(dataset, tmp_path):
+    script = tmp_path / "dist.py"
+    script.write_text(DIST_SCRIPT)
+    env = dict(os.environ, LOGICAL_CPUS="2")
+    out = subprocess.run([sys.executable, str(script), _dist_config(dataset, tmp_path, "mirrored"),
+                          str(tmp_path / "run")], env=env, capture_output=True, text=True,
+                         timeout=400)
+    assert out.returncode == 0, out.stderr[-4000:]
+    assert "replicas=2" in out.stdout
+    history = json.loads(out.stdout.split("RESULT", 1)[1])
+    assert len(history["loss"]) == 2 and all(np.isfinite(history["loss"]))
+
+
+def test_multi_worker_two_local_processes(dataset, tmp_path):
+    script = tmp_path / "dist.py"
+    script.write_text(DIST_SCRIPT)
+    ports = [_free_port(), _free_port()]
+    cluster = {"worker": [f"127.0.0.1:{p}" for p in ports]}
+    config = _dist_config(dataset, tmp_path, "multi_worker")
+    procs = []
+    for index in range(2):
+        env = dict(os.environ, TF_CONFIG=json.dumps(
+            {"cluster": cluster, "task": {"type": "worker", "index": index}}))
+        procs.append(subprocess.Popen(
+            [sys.executable, str(script), config, str(tmp_path / f"run{index}")], env=env,
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    outputs = []
+    try:
+        for proc in procs:
+            outputs.append(proc.communicate(timeout=420))
+    finally:
+        for proc in procs:
+            proc.kill()
+    for proc, (stdout, stderr) in zip(procs, outputs):
+        assert proc.returncode == 0, stderr[-4000:]
+    history = json.loads(outputs[0][0].split("RESULT", 1)[1])
+    assert len(history["loss"]) == 2 and all(np.isfinite(history["loss"]))
+    assert "val_dice_small" in history
+    chief = tmp_path / "run0"
+    assert (chief / "checkpoints" / "best.keras").is_file()
+    assert (chief / "metrics.csv").is_file()
+    assert list((chief / "tensorboard").rglob("events.out.tfevents.*"))

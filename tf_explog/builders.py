@@ -1,0 +1,157 @@
+"""Keras objects built from a `Config`: model, loss, metrics, optimizer, data settings.
+
+Shared by the TensorFlow training path (`tf_explog.training`) and the TensorFlow-free JAX
+path (`bench/train_jax.py` over `tf_explog.data.pydataset`), so this module must not import
+TensorFlow.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import time
+from pathlib import Path
+
+import keras
+
+from tf_explog import losses as losses_lib
+from tf_explog.config import Config, ConfigError
+from tf_explog.metrics import PerLabelDice
+from tf_explog.models import aux_loss_weights, aux_name, build_model
+
+
+def make_optimizer(config: Config) -> keras.optimizers.Optimizer:
+    """The paper's Nadam (Adam with Nesterov momentum) by default."""
+    lr = config.train.learning_rate
+    return {
+        "nadam": lambda: keras.optimizers.Nadam(lr),
+        "adam": lambda: keras.optimizers.Adam(lr),
+        "sgd": lambda: keras.optimizers.SGD(lr, momentum=0.9, nesterov=True),
+    }[config.train.optimizer]()
+
+
+def make_loss(config: Config, class_weights, reduction="sum_over_batch_size"):
+    """The configured loss, with class weights where the loss takes them."""
+    params = dict(config.loss.params)
+    cls = losses_lib.LOSSES[config.loss.name]
+    if "class_weights" in inspect.signature(cls.__init__).parameters and (
+            "class_weights" not in params):
+        params["class_weights"] = class_weights
+    return cls(reduction=reduction, **params)
+
+
+def term_metrics(loss: keras.losses.Loss) -> list:
+    """Metrics reporting the Dice and cross-entropy terms of an ExpLogLoss separately."""
+    if not isinstance(loss, losses_lib.ExpLogLoss):
+        return []
+    cfg = loss.get_config()
+    return [
+        keras.metrics.MeanMetricWrapper(
+            losses_lib.log_dice_loss, name="dice_term", gamma=cfg["gamma_dice"],
+            smooth=cfg["smooth"], from_logits=cfg["from_logits"],
+            include_background=cfg["include_background"]),
+        keras.metrics.MeanMetricWrapper(
+            losses_lib.weighted_cross_entropy, name="cross_term", gamma=cfg["gamma_cross"],
+            class_weights=cfg["class_weights"], from_logits=cfg["from_logits"]),
+    ]
+
+
+def load_manifest(config: Config):
+    from tf_explog.data.manifest import Manifest
+
+    return Manifest.load(config.resolve(config.data.dataset),
+                         validation_fraction=config.data.validation_fraction,
+                         seed=config.seed)
+
+
+def make_preprocessor(config: Config, manifest=None):
+    """The configured Preprocessor, with the data set's label map when it has one."""
+    from tf_explog.data.preprocess import Preprocessor
+
+    preprocessor = Preprocessor(**dataclasses.asdict(config.data.preprocess))
+    return manifest.preprocessor_for(preprocessor) if manifest is not None else preprocessor
+
+
+def cache_dir_for(config: Config) -> Path:
+    if config.data.cache_dir:
+        return config.resolve(config.data.cache_dir)
+    return config.resolve(config.data.dataset).parent / ".cache"
+
+
+def make_augmentation(config: Config, seed: int):
+    a = config.data.augment
+    if not a.enabled or a.probability == 0:
+        return None
+    from tf_explog.augmentation import RandomAffine3D
+
+    return RandomAffine3D(
+        rotation=a.rotation, rotation_axes=a.rotation_axes, shift=a.shift,
+        zoom=tuple(a.zoom), probability=a.probability, seed=seed)
+
+
+def class_weights_for(config: Config, manifest, preprocessor, cache_dir):
+    """``loss.class_weights``: "auto" counts label frequencies over the training split once."""
+    setting = config.loss.class_weights
+    if setting is None:
+        return None
+    if setting == "auto":
+        from tf_explog.data.manifest import label_frequencies
+
+        freqs = label_frequencies(manifest, preprocessor=preprocessor, cache_dir=cache_dir)
+        return losses_lib.class_weights_from_frequencies(freqs)
+    if len(setting) != manifest.num_classes:
+        raise ConfigError(
+            f"loss.class_weights has {len(setting)} entries; the data set has "
+            f"{manifest.num_classes} labels."
+        )
+    return list(setting)
+
+
+def build_from_config(config: Config, num_classes: int, channels: int) -> keras.Model:
+    m = config.model
+    return build_model(
+        input_shape=(None, None, None, channels), num_classes=num_classes,
+        filters=tuple(m.filters), encoder_depths=tuple(m.encoder_depths),
+        decoder_depths=tuple(m.decoder_depths), noise_std=m.noise_std, dropout=m.dropout,
+        aux_outputs=m.aux_outputs, bn_momentum=m.bn_momentum, seed=config.seed)
+
+
+def compile_model(model, config: Config, class_weights, label_names, jit_compile):
+    """compile() with the configured loss (one per output with aux heads) and metrics."""
+    loss = make_loss(config, class_weights)
+    dice = PerLabelDice(num_classes=len(label_names), label_names=label_names, name="dice")
+    metrics = [dice, *term_metrics(loss)]
+    n_aux = config.model.aux_outputs
+    if n_aux:
+        names = ["segmentation"] + [aux_name(i) for i in range(1, n_aux + 1)]
+        model.compile(
+            optimizer=make_optimizer(config),
+            loss={name: make_loss(config, class_weights) for name in names},
+            loss_weights=aux_loss_weights(n_aux),
+            metrics={"segmentation": metrics},
+            jit_compile=jit_compile)
+    else:
+        model.compile(optimizer=make_optimizer(config), loss=loss, metrics=metrics,
+                      jit_compile=jit_compile)
+    return model
+
+
+def monitor_name(config: Config) -> str:
+    """The logged name of ``train.checkpoint_monitor``.
+
+    `PerLabelDice` returns a dict, whose keys Keras logs as they are ("dice", "dice_<label>"),
+    also when the model has auxiliary outputs; other metrics of a dict-output model get the
+    output name as prefix ("segmentation_cross_term").
+    """
+    return config.train.checkpoint_monitor
+
+
+class EpochTimer(keras.callbacks.Callback):
+    """Adds ``epoch_seconds`` to the logs (read by the loss-comparison report)."""
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._start = time.perf_counter()
+
+    def on_epoch_end(self, epoch, logs=None):
+        if logs is not None:
+            logs["epoch_seconds"] = time.perf_counter() - self._start

@@ -1,0 +1,161 @@
+"""Multi-worker training with a custom loop over ``MultiWorkerMirroredStrategy``.
+
+Keras 3's ``fit`` fails under ``MultiWorkerMirroredStrategy`` (keras-team/keras#20585: a
+``PerReplica`` conversion error), so this module trains with ``strategy.run``: per-replica
+losses with ``reduction=None`` averaged by ``tf.nn.compute_average_loss`` over the global
+batch. It keeps what the ``fit`` path writes into the run directory: TensorBoard scalars
+(loss, its Dice and cross-entropy terms, validation Dice per label, learning rate), the
+CSV log, the best checkpoint by validation mean Dice, and resume state (model, optimizer and
+epoch in a ``tf.train.Checkpoint`` under ``backup/``).
+
+The cluster comes from ``TF_CONFIG`` as usual. Only the chief writes the run directory;
+the other workers write their (required) checkpoint copies to a temporary directory.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from tf_explog.metrics import PerLabelDice
+
+
+def _is_chief(resolver) -> bool:
+    task_type, task_id = resolver.task_type, resolver.task_id
+    return task_type in (None, "chief") or (task_type == "worker" and task_id == 0
+                                            and "chief" not in resolver.cluster_spec().jobs)
+
+
+def train_multi_worker(config, run_dir: Path, fresh: bool = True):
+    from tf_explog import builders as b
+    from tf_explog import training as tr
+
+    strategy = tf.distribute.MultiWorkerMirroredStrategy()
+    chief = _is_chief(strategy.cluster_resolver)
+    work_dir = Path(run_dir) if chief else Path(tempfile.mkdtemp(prefix="tf_explog_worker_"))
+
+    manifest = b.load_manifest(config)
+    preprocessor = b.make_preprocessor(config, manifest)
+    cache_dir = b.cache_dir_for(config)
+    if chief and fresh:
+        tr.write_run_file(run_dir, config, manifest.label_names, manifest.num_channels,
+                          preprocessor)
+    class_weights = b.class_weights_for(config, manifest, preprocessor, cache_dir)
+    label_names = manifest.label_names
+    global_batch = config.train.batch_size
+    # The per-epoch step count must be the same on every worker: use a repeating stream.
+    steps = config.train.steps_per_epoch or max(
+        1, len(manifest.entries("training")) // global_batch)
+    config.train.steps_per_epoch = steps
+    train_ds, val_ds = tr.make_datasets(config, manifest, preprocessor, cache_dir,
+                                        global_batch)
+    if config.model.aux_outputs:
+        raise ValueError("train.strategy=multi_worker supports model.aux_outputs=0 only.")
+
+    with strategy.scope():
+        model = b.build_from_config(config, len(label_names), manifest.num_channels)
+        optimizer = b.make_optimizer(config)
+        loss_fn = b.make_loss(config, class_weights, reduction=None)
+        epoch_var = tf.Variable(0, dtype=tf.int64, trainable=False)
+        optimizer.build(model.trainable_variables)
+    terms = b.term_metrics(loss_fn)
+    dice = PerLabelDice(num_classes=len(label_names), label_names=label_names, name="dice")
+
+    checkpoint = tf.train.Checkpoint(model=model, optimizer=optimizer, epoch=epoch_var)
+    manager = tf.train.CheckpointManager(checkpoint, str(work_dir / "backup"), max_to_keep=1)
+    if manager.latest_checkpoint:
+        checkpoint.restore(manager.latest_checkpoint)
+
+    @tf.function
+    def train_step(iterator):
+        def step_fn(image, labels):
+            with tf.GradientTape() as tape:
+                pred = model(image, training=True)
+                per_sample = loss_fn(labels, pred)
+                loss = tf.nn.compute_average_loss(per_sample, global_batch_size=global_batch)
+            grads = tape.gradient(loss, model.trainable_variables)
+            optimizer.apply_gradients(zip(grads, model.trainable_variables))
+            term_values = [tf.nn.compute_average_loss(m._fn(labels, pred, **m._fn_kwargs),
+                                                      global_batch_size=global_batch)
+                           for m in terms]
+            return [loss, *term_values]
+
+        image, labels = next(iterator)
+        per_replica = strategy.run(step_fn, args=(image, labels))
+        return [strategy.reduce(tf.distribute.ReduceOp.SUM, v, axis=None)
+                for v in per_replica]
+
+    writer = tf.summary.create_file_writer(str(work_dir / "tensorboard" / "train"))
+    val_writer = tf.summary.create_file_writer(str(work_dir / "tensorboard" / "validation"))
+    csv_path = work_dir / "metrics.csv"
+    best_path = work_dir / tr.BEST_CHECKPOINT
+    (work_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+    best = -np.inf
+    history: dict[str, list] = {}
+    # Shard by batch: the stream reads from a cache, not from files TF can split.
+    options = tf.data.Options()
+    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
+    iterator = iter(strategy.experimental_distribute_dataset(train_ds.with_options(options)))
+    term_names = [m.name for m in terms]
+
+    for epoch in range(int(epoch_var.numpy()), config.train.epochs):
+        start = time.perf_counter()
+        sums = np.zeros(1 + len(terms))
+        for _ in range(steps):
+            sums += np.array([float(v) for v in train_step(iterator)])
+        logs = {"loss": sums[0] / steps}
+        logs.update({name: sums[i + 1] / steps for i, name in enumerate(term_names)})
+        logs["learning_rate"] = float(keras.ops.convert_to_numpy(optimizer.learning_rate))
+        if val_ds is not None:
+            dice.reset_state()
+            for image, labels in val_ds:
+                dice.update_state(labels, model(image, training=False))
+            logs.update({f"val_{k}": float(v) for k, v in dice.result().items()})
+        logs["epoch_seconds"] = time.perf_counter() - start
+
+        with writer.as_default():
+            for key, value in logs.items():
+                if not key.startswith("val_"):
+                    tf.summary.scalar(f"epoch_{key}", value, step=epoch)
+        with val_writer.as_default():
+            for key, value in logs.items():
+                if key.startswith("val_"):
+                    tf.summary.scalar(f"epoch_{key[4:]}", value, step=epoch)
+        epoch_var.assign(epoch + 1)
+        manager.save()  # every worker must take part; non-chiefs write to a temp dir
+        monitor = logs.get(b.monitor_name(config))
+        if chief:
+            if monitor is not None and monitor > best:
+                best = monitor
+                model.save(str(best_path))
+            _append_csv(csv_path, epoch, logs)
+        for key, value in logs.items():
+            history.setdefault(key, []).append(value)
+        if config.train.verbose:
+            shown = " ".join(f"{k}={v:.4f}" for k, v in logs.items())
+            print(f"[tf_explog] epoch {epoch + 1}/{config.train.epochs} {shown}", flush=True)
+
+    final = work_dir / tr.FINAL_MODEL
+    if chief:
+        model.save(str(final))
+        if not best_path.exists():
+            model.save(str(best_path))
+        (work_dir / "history.json").write_text(json.dumps(history, indent=1))
+    return tr.TrainResult(Path(run_dir), history, Path(run_dir) / tr.BEST_CHECKPOINT,
+                          Path(run_dir) / tr.FINAL_MODEL)
+
+
+def _append_csv(path: Path, epoch: int, logs: dict) -> None:
+    new = not path.exists()
+    with open(path, "a", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=["epoch", *logs])
+        if new:
+            writer.writeheader()
+        writer.writerow({"epoch": epoch, **logs})
