@@ -85,14 +85,17 @@ def write_dataset(out: Path, cases: int, size: int, seed: int = 0, distinct: int
     return out / "dataset.json"
 
 
-def training_step_seconds(size: int) -> Optional[float]:
-    """Hook: seconds per training step of the paper's model at ``size``³, batch 1, or None.
+def training_step_seconds(size: int, steps: int = 3) -> Optional[float]:
+    """Median seconds per training step of the paper's model at ``size``³, batch 1.
 
-    The lead fills this in (e.g. build ``tf_explog.models.build_model``, compile with
-    ``ExpLogLoss``, time ``train_on_batch`` after a warm-up); the benchmark then prints the
-    ratio of input time to step time (> 1: training is input-bound).
+    Timed by ``bench/train_step.py``: ``build_model`` (20 labels) with ``ExpLogLoss`` and
+    Nadam, float32, no XLA (what ``jit_compile: auto`` chooses on CPU).
     """
-    return None
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from train_step import time_case
+
+    return time_case(size, "float32", False, steps=steps, warmup=1,
+                     num_classes=20)["median_step_s"]
 
 
 def _epoch(ds) -> tuple:

@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import inspect
 import json
 import os
 import platform
@@ -72,11 +71,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
-from tf_explog import losses as losses_lib  # noqa: E402
+from tf_explog.builders import (build_from_config, class_weights_for,  # noqa: E402
+                                compile_model)
 from tf_explog.config import Config, ConfigError, load_config  # noqa: E402
 from tf_explog.data.pydataset import make_sequences_from_config  # noqa: E402
-from tf_explog.metrics import PerLabelDice  # noqa: E402
-from tf_explog.models import aux_loss_weights, aux_name, build_model  # noqa: E402
 
 PREFIX = "[train_jax]"
 
@@ -105,92 +103,6 @@ def devices() -> list:
 
         return [str(d) for d in jax.devices()]
     return ["(not JAX) " + keras.backend.backend()]
-
-
-# --------------------------------------------------------------------------------------
-# Model, loss and metrics (as tf_explog.training, without TensorFlow)
-# --------------------------------------------------------------------------------------
-
-
-def make_optimizer(config: Config) -> keras.optimizers.Optimizer:
-    lr = config.train.learning_rate
-    return {
-        "nadam": lambda: keras.optimizers.Nadam(lr),
-        "adam": lambda: keras.optimizers.Adam(lr),
-        "sgd": lambda: keras.optimizers.SGD(lr, momentum=0.9, nesterov=True),
-    }[config.train.optimizer]()
-
-
-def make_loss(config: Config, class_weights) -> keras.losses.Loss:
-    params = dict(config.loss.params)
-    cls = losses_lib.LOSSES[config.loss.name]
-    if "class_weights" in inspect.signature(cls.__init__).parameters and (
-        "class_weights" not in params
-    ):
-        params["class_weights"] = class_weights
-    return cls(**params)
-
-
-def term_metrics(loss: keras.losses.Loss) -> list:
-    """The Dice and cross-entropy terms of an ExpLogLoss, logged separately."""
-    if not isinstance(loss, losses_lib.ExpLogLoss):
-        return []
-    cfg = loss.get_config()
-    return [
-        keras.metrics.MeanMetricWrapper(
-            losses_lib.log_dice_loss, name="dice_term", gamma=cfg["gamma_dice"],
-            smooth=cfg["smooth"], from_logits=cfg["from_logits"],
-            include_background=cfg["include_background"]),
-        keras.metrics.MeanMetricWrapper(
-            losses_lib.weighted_cross_entropy, name="cross_term", gamma=cfg["gamma_cross"],
-            class_weights=cfg["class_weights"], from_logits=cfg["from_logits"]),
-    ]
-
-
-def class_weights_for(config: Config, sequence) -> list | None:
-    setting = config.loss.class_weights
-    if setting is None:
-        return None
-    manifest = sequence.manifest
-    if setting == "auto":
-        from tf_explog.data.manifest import label_frequencies
-
-        freqs = label_frequencies(manifest, preprocessor=sequence.preprocessor,
-                                  cache_dir=sequence.cache.cache_dir)
-        return losses_lib.class_weights_from_frequencies(freqs)
-    if len(setting) != manifest.num_classes:
-        raise ConfigError(f"loss.class_weights has {len(setting)} entries; the data set has "
-                          f"{manifest.num_classes} labels.")
-    return list(setting)
-
-
-def build_from_config(config: Config, num_classes: int, channels: int) -> keras.Model:
-    m = config.model
-    kwargs = dict(
-        input_shape=(None, None, None, channels), num_classes=num_classes,
-        filters=tuple(m.filters), encoder_depths=tuple(m.encoder_depths),
-        decoder_depths=tuple(m.decoder_depths), noise_std=m.noise_std, dropout=m.dropout,
-        aux_outputs=m.aux_outputs, seed=config.seed)
-    if "bn_momentum" in inspect.signature(build_model).parameters:
-        kwargs["bn_momentum"] = m.bn_momentum
-    return build_model(**kwargs)
-
-
-def compile_model(model, config: Config, class_weights, label_names, jit_compile: bool):
-    loss = make_loss(config, class_weights)
-    metrics = [PerLabelDice(num_classes=len(label_names), label_names=label_names,
-                            name="dice"), *term_metrics(loss)]
-    n_aux = config.model.aux_outputs
-    if n_aux:
-        names = ["segmentation"] + [aux_name(i) for i in range(1, n_aux + 1)]
-        model.compile(optimizer=make_optimizer(config),
-                      loss={name: make_loss(config, class_weights) for name in names},
-                      loss_weights=aux_loss_weights(n_aux),
-                      metrics={"segmentation": metrics}, jit_compile=jit_compile)
-    else:
-        model.compile(optimizer=make_optimizer(config), loss=loss, metrics=metrics,
-                      jit_compile=jit_compile)
-    return model
 
 
 class EpochClock(keras.callbacks.Callback):
@@ -297,7 +209,8 @@ def _train(config: Config, args, out: Path) -> dict:
 
     manifest = train_seq.manifest
     label_names = manifest.label_names
-    class_weights = class_weights_for(config, train_seq)
+    class_weights = class_weights_for(config, manifest, train_seq.preprocessor,
+                                      train_seq.cache.cache_dir)
     # "auto" means XLA on JAX whatever the device: unlike TensorFlow on this CPU (XLA ~10x
     # slower), JAX without jit runs op by op; measured on the 2-core CPU, 16^3 toy model:
     # jit 11.7 s first epoch (compile) then 0.32 s/epoch, eager 31 s then 1.5 s/epoch.

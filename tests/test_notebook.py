@@ -1,6 +1,5 @@
 """examples/quickstart.ipynb runs top to bottom (at a tiny size)."""
 
-import os
 from pathlib import Path
 
 import nbformat

@@ -22,7 +22,6 @@ This is the only module of ``tf_explog.data`` that imports TensorFlow.
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
 import numpy as np

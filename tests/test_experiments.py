@@ -1,0 +1,116 @@
+"""The loss comparison (`reproduce`) and the demo, end to end at a tiny size."""
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tf_explog import experiments
+
+TINY_TRAIN = {
+    "name": "tiny", "seed": 0, "runs_dir": "runs",
+    "data": {"dataset": "data/dataset.json", "validation_fraction": 0.34,
+             "preprocess": {"target_shape": 16}, "augment": {"enabled": False}},
+    "model": {"filters": [4, 4, 4, 4, 4], "encoder_depths": [1, 1, 1, 1, 1],
+              "decoder_depths": [1, 1, 1, 1]},
+    "train": {"epochs": 1, "batch_size": 1, "verbose": 0, "image_summary_every": 0},
+}
+
+
+@pytest.fixture(scope="module")
+def reproduce_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("reproduce")
+    (root / "train.yaml").write_text(yaml.safe_dump(TINY_TRAIN))
+    (root / "reproduce.yaml").write_text(yaml.safe_dump(sort_keys=False, data={
+        "name": "tiny_comparison", "train_config": "train.yaml", "out_dir": "report",
+        "synthetic": {"out": "data", "subjects": 3, "test_subjects": 2, "shape": 16},
+        "reference_arm": "exp_log_g0.3",
+        "arms": {"linear_dice": {"loss": "linear_dice"},
+                 "exp_log_g0.3": {"loss": "exp_log",
+                                  "params": {"gamma_dice": 0.3, "gamma_cross": 0.3}}},
+    }))
+    report = experiments.reproduce(root / "reproduce.yaml")
+    return root, report
+
+
+def test_reproduce_writes_every_report_file(reproduce_dir):
+    root, report = reproduce_dir
+    out = root / "report"
+    assert report == out / "report.md"
+    for name in ("report.md", "per_subject.csv", "convergence.png", "dice_by_structure.png"):
+        assert (out / name).is_file(), name
+    for name in ("convergence.png", "dice_by_structure.png"):
+        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    text = report.read_text()
+    table = [line for line in text.splitlines() if line.startswith("| ")]
+    header = table[0]
+    assert header == "| structure | fraction | linear_dice | exp_log_g0.3 |"
+    labels = json.loads((root / "data" / "dataset.json").read_text())["labels"]
+    structure_rows = table[1:1 + len(labels) - 1]
+    assert len(structure_rows) == len(labels) - 1  # every structure, background excluded
+    fractions = [float(r.split("|")[2].strip().rstrip("%")) for r in structure_rows]
+    assert fractions == sorted(fractions, reverse=True)  # sorted by size
+    assert all(r.count("**") >= 2 for r in structure_rows)  # a best entry in bold per row
+    summary = [r for r in table if r.startswith("| linear_dice |") or
+               r.startswith("| exp_log_g0.3 |")]
+    assert len(summary) == 2
+    with open(out / "per_subject.csv") as f:
+        rows = list(csv.DictReader(f))
+    # 2 arms x 2 test subjects x 19 structures
+    assert len(rows) == 2 * 2 * (len(labels) - 1)
+    assert {r["arm"] for r in rows} == {"linear_dice", "exp_log_g0.3"}
+
+
+def test_reproduce_skips_finished_arms(reproduce_dir, capsys):
+    root, report = reproduce_dir
+    before = {p: p.stat().st_mtime_ns for p in (root / "report" / "runs").rglob("*.keras")}
+    experiments.reproduce(root / "reproduce.yaml")
+    out = capsys.readouterr().out
+    assert out.count("finished earlier, skipped") == 2
+    after = {p: p.stat().st_mtime_ns for p in (root / "report" / "runs").rglob("*.keras")}
+    assert before == after
+
+
+def test_failed_arm_is_reported_not_fatal(reproduce_dir, monkeypatch):
+    root, _ = reproduce_dir
+    real = experiments.run_arm
+
+    def flaky(config, run_dir, *args):
+        if run_dir.name == "linear_dice":
+            raise RuntimeError("simulated failure")
+        return real(config, run_dir, *args)
+
+    monkeypatch.setattr(experiments, "run_arm", flaky)
+    report = experiments.reproduce(root / "reproduce.yaml", out_dir=root / "report")
+    text = report.read_text()
+    assert "## Failed arms" in text and "simulated failure" in text
+    assert "| structure | fraction | exp_log_g0.3 |" in text
+
+
+def test_reproduce_config_errors(tmp_path):
+    bad = tmp_path / "r.yaml"
+    bad.write_text(yaml.safe_dump({"arms": {"a": {"loss": "exp_log"}}, "reference_arm": "b"}))
+    with pytest.raises(ValueError, match="reference_arm"):
+        experiments.reproduce(bad)
+    bad.write_text(yaml.safe_dump({"arms": {"a": {"los": "exp_log"}}, "reference_arm": "a"}))
+    with pytest.raises(ValueError, match="arms.a.los"):
+        experiments.reproduce(bad)
+
+
+def test_shipped_reproduce_configs_parse():
+    repo = Path(__file__).resolve().parents[1]
+    for path in sorted((repo / "train_configs").glob("reproduce_*.yaml")):
+        config, base = experiments.load_reproduce_config(path)
+        assert config.reference_arm in config.arms
+        for name, arm in config.arms.items():
+            experiments._arm_train_config(config, base, name, arm)
+
+
+def test_demo_tiny_end_to_end(tmp_path):
+    result = experiments.demo(tiny=True, root=tmp_path)
+    assert result["report"].is_file()
+    assert (result["saved_model"] / "saved_model.pb").is_file()
+    assert result["saved_model"].parent.parent == tmp_path / "saved_models"
+    assert list((result["run_dir"] / "test_predictions").glob("*.nii.gz"))
