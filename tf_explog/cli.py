@@ -71,9 +71,7 @@ def cmd_evaluate(args) -> int:
 
     result = evaluate_dirs(args.pred, args.truth, args.out, overwrite=args.overwrite)
     print(f"wrote metrics.csv, summary.csv, report.md, dice_boxplot.png to {args.out}")
-    overall = getattr(result, "overall", None)
-    if overall:
-        print(f"mean Dice: {overall}")
+    print(f"mean Dice over subjects and structures: {result.overall['dice_mean']:.3f}")
     return 0
 
 
