@@ -354,13 +354,7 @@ def _plots(out, arms, results, rows, structures, label_names, dice_of):
             ax.plot(range(1, len(curve) + 1), curve, label=a)
     ax.set_xlabel("epoch")
     ax.set_ylabel("validation mean Dice")
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
-    plt.close(fig)
-    _atomic_bytes(out / "convergence.png", buf.getvalue())
+    _finish_figure(plt, fig, ax, out / "convergence.png")
 
     fig, ax = plt.subplots(figsize=(max(7, 0.45 * len(structures) + 2), 4.5))
     x = np.arange(len(structures))
@@ -371,13 +365,17 @@ def _plots(out, arms, results, rows, structures, label_names, dice_of):
                         for s in structures], rotation=60, ha="right", fontsize=8)
     ax.set_ylabel("mean Dice (test)")
     ax.set_xlabel("structure (largest to smallest)")
+    _finish_figure(plt, fig, ax, out / "dice_by_structure.png")
+
+
+def _finish_figure(plt, fig, ax, path: Path) -> None:
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110)
     plt.close(fig)
-    _atomic_bytes(out / "dice_by_structure.png", buf.getvalue())
+    _atomic_bytes(path, buf.getvalue())
 
 
 # --------------------------------------------------------------------------------------

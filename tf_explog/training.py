@@ -303,6 +303,7 @@ def _fit(config: Config, run_dir: Path, extra_callbacks, fresh: bool) -> TrainRe
         train_ds, validation_data=val_ds, epochs=config.train.epochs,
         steps_per_epoch=config.train.steps_per_epoch,
         validation_steps=config.train.validation_steps, callbacks=callbacks,
+        shuffle=False,  # the tf.data pipeline shuffles, seeded
         verbose=config.train.verbose)
     final = run_dir / FINAL_MODEL
     model.save(str(final))

@@ -22,7 +22,7 @@ This is the only module of ``tf_explog.data`` that imports TensorFlow.
 from __future__ import annotations
 
 import os
-from typing import Any, Callable, Mapping, Optional, Sequence, Union
+from typing import Any, Optional, Sequence, Union
 
 import numpy as np
 import tensorflow as tf
@@ -31,62 +31,12 @@ from .cache import VolumeCache, default_cache_dir
 from .manifest import Manifest, ManifestError
 from .nifti import canonical_geometry
 from .preprocess import Preprocessor
+from .pydataset import _is_int, _positive_triple, build_augmentation  # shared, TF-free
 
 __all__ = ["make_dataset", "build_augmentation", "label_pyramid"]
 
 _MODES = ("volume", "patch")
 _MASK64 = (1 << 63) - 1
-
-
-def _is_int(value) -> bool:
-    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
-
-
-def _positive_triple(value, name: str) -> tuple:
-    if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
-        value = (int(value),) * 3
-    try:
-        out = tuple(int(v) for v in value)
-    except (TypeError, ValueError):
-        raise ValueError(f"{name}: expected an int or 3 ints, got {value!r}") from None
-    if len(out) != 3 or any(v < 1 for v in out) or any(
-        float(v) != float(w) for v, w in zip(out, value)
-    ):
-        raise ValueError(f"{name}: expected 3 positive ints, got {value!r}")
-    return out
-
-
-def build_augmentation(augment: Any, seed: int = 0) -> Optional[Callable]:
-    """Turn the ``augment`` argument of :func:`make_dataset` into a callable (or None).
-
-    Args:
-        augment: None/False (no augmentation); True (``RandomAffine3D`` with the paper's
-            defaults); a dict of ``RandomAffine3D`` keyword arguments; or any callable used as
-            ``image, labels = augment((image, labels), training=True)`` (e.g. a Keras layer).
-        seed: seed given to ``RandomAffine3D`` when the dict does not set one.
-
-    Raises:
-        ValueError: an unsupported value, or ``tf_explog.augmentation`` is not available.
-    """
-    if augment is None or augment is False:
-        return None
-    if augment is True or isinstance(augment, Mapping):
-        try:
-            from tf_explog.augmentation import RandomAffine3D
-        except ImportError as exc:
-            raise ValueError(
-                "augment: True or a dict needs tf_explog.augmentation.RandomAffine3D, which "
-                f"could not be imported ({exc})"
-            ) from exc
-        kwargs = dict(augment) if isinstance(augment, Mapping) else {}
-        kwargs.setdefault("seed", int(seed))
-        return RandomAffine3D(**kwargs)
-    if callable(augment):
-        return augment
-    raise ValueError(
-        f"augment: expected None, True, a dict of RandomAffine3D arguments or a callable, "
-        f"got {augment!r}"
-    )
 
 
 def label_pyramid(labels: tf.Tensor, levels: int) -> dict:

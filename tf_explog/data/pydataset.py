@@ -574,32 +574,11 @@ class VolumeSequence(keras.utils.PyDataset):
 
 def _config_parts(config) -> tuple:
     """Manifest, preprocessor and cache directory of a config, as tf_explog.training does."""
-    import dataclasses
+    from tf_explog import builders
 
-    manifest = Manifest.load(
-        config.resolve(config.data.dataset),
-        validation_fraction=config.data.validation_fraction,
-        seed=config.seed,
-    )
-    preprocessor = manifest.preprocessor_for(
-        Preprocessor(**dataclasses.asdict(config.data.preprocess))
-    )
-    if config.data.cache_dir:
-        cache_dir = config.resolve(config.data.cache_dir)
-    else:
-        cache_dir = config.resolve(config.data.dataset).parent / ".cache"
-    return manifest, preprocessor, Path(cache_dir)
-
-
-def _config_augmentation(config, seed: int):
-    a = config.data.augment
-    if not a.enabled or a.probability == 0:
-        return None
-    from tf_explog.augmentation import RandomAffine3D
-
-    return RandomAffine3D(
-        rotation=a.rotation, rotation_axes=a.rotation_axes, shift=a.shift,
-        zoom=tuple(a.zoom), probability=a.probability, seed=seed)
+    manifest = builders.load_manifest(config)
+    return manifest, builders.make_preprocessor(config, manifest), \
+        Path(builders.cache_dir_for(config))
 
 
 def make_sequence_from_config(
@@ -635,6 +614,8 @@ def make_sequence_from_config(
     Raises:
         ValueError: the split is empty or an argument is invalid.
     """
+    from tf_explog import builders
+
     if manifest is None or preprocessor is None or cache_dir is None:
         m, p, c = _config_parts(config)
         manifest = manifest if manifest is not None else m
@@ -647,7 +628,7 @@ def make_sequence_from_config(
         batch_size=int(batch_size if batch_size is not None else config.train.batch_size),
         shuffle=training, seed=int(config.seed), oversample=d.oversample,
         cache_dir=cache_dir, preprocessor=preprocessor,
-        augment=_config_augmentation(config, config.seed) if training else None,
+        augment=builders.make_augmentation(config, config.seed) if training else None,
         pyramid_levels=int(config.model.aux_outputs), workers=workers,
         use_multiprocessing=use_multiprocessing, max_queue_size=max_queue_size,
         repeat=training and config.train.steps_per_epoch is not None,
