@@ -32,8 +32,15 @@ included), ``best.keras`` (best ``train.checkpoint_monitor``; ``loss`` when ther
 validation split), ``final.keras`` and ``summary.json`` (device, versions, seed, per-epoch
 seconds, history, whether TensorFlow was imported).
 
-The helpers below mirror ``tf_explog.training`` (make_loss, term_metrics, compile_model),
-which imports TensorFlow at module level and so cannot be used here.
+The paper-scale loss comparison, one arm per call (then evaluate the held-out subjects with
+``tf_explog.inference.predict_volume`` and ``tf_explog.evaluation``, both TensorFlow-free)::
+
+    python3 bench/train_jax.py --config train_configs/reproduce_paper.yaml \
+      --arm exp_log_g0.3 --out $OUT/exp_log_g0.3
+    python3 bench/train_jax.py --config train_configs/reproduce_paper.yaml \
+      --arm linear_dice --out $OUT/linear_dice
+
+Model, loss and metrics come from ``tf_explog.builders``, as in ``tf_explog.training``.
 """
 
 from __future__ import annotations
@@ -132,7 +139,11 @@ class EpochClock(keras.callbacks.Callback):
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--config", required=True, help="YAML config (e.g. train_configs/paper.yaml)")
+    p.add_argument("--config", required=True,
+                   help="YAML training config (e.g. train_configs/paper.yaml), or a reproduce "
+                        "config (train_configs/reproduce_paper.yaml) together with --arm")
+    p.add_argument("--arm", default=None,
+                   help="with a reproduce config: train this arm (e.g. exp_log_g0.3)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="config override, repeatable (e.g. train.epochs=2)")
     p.add_argument("--out", required=True, help="output folder")
@@ -178,7 +189,12 @@ def main(argv=None) -> dict:
     if args.workers < 1:
         raise SystemExit(f"{PREFIX} --workers: expected >= 1, got {args.workers}")
     try:
-        config = load_config(args.config, args.overrides)
+        if args.arm:
+            from tf_explog.experiments import arm_train_config
+
+            config = arm_train_config(args.config, args.arm, args.overrides)
+        else:
+            config = load_config(args.config, args.overrides)
     except ConfigError as err:
         raise SystemExit(f"{PREFIX} {err}") from None
     if config.train.strategy != "none":

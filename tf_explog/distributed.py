@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -143,7 +144,9 @@ def train_multi_worker(config, run_dir: Path, fresh: bool = True):
             print(f"[tf_explog] epoch {epoch + 1}/{config.train.epochs} {shown}", flush=True)
 
     final = work_dir / tr.FINAL_MODEL
-    if chief:
+    if not chief:
+        shutil.rmtree(work_dir, ignore_errors=True)  # only the chief's files are kept
+    else:
         model.save(str(final))
         if not best_path.exists():
             model.save(str(best_path))

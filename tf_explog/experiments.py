@@ -123,6 +123,15 @@ def _arm_train_config(rc: ReproduceConfig, base_dir: Path, arm_name: str, arm: A
     return config.validate()
 
 
+def arm_train_config(reproduce_config: str | Path, arm: str, overrides=()):
+    """The training `Config` of one arm of a reproduce config (e.g. for bench/train_jax.py)."""
+    rc, base_dir = load_reproduce_config(reproduce_config)
+    if arm not in rc.arms:
+        raise ConfigError(f"{reproduce_config}: no arm {arm!r}; arms: {sorted(rc.arms)}.")
+    _ensure_synthetic(rc, base_dir)
+    return _arm_train_config(rc, base_dir, arm, rc.arms[arm], overrides)
+
+
 def _ensure_synthetic(rc: ReproduceConfig, base_dir: Path) -> None:
     if rc.synthetic is None:
         return

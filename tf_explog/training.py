@@ -199,6 +199,9 @@ class ImageSummary(keras.callbacks.Callback):
         with self.writer.as_default():
             for axis in range(3):
                 panel = overlay_panel(self.image, self.labels, pred, self.num_classes, axis)
+                # Small volumes make tiny images: enlarge (nearest) to >= 256 px high.
+                scale = max(1, 256 // panel.shape[0])
+                panel = panel.repeat(scale, axis=0).repeat(scale, axis=1)
                 tf.summary.image(f"overlay/axis{axis}", panel[None], step=epoch)
         self.writer.flush()
 
@@ -256,6 +259,9 @@ def train(config: Config, *, resume: str | Path | None = None, extra_callbacks=(
     if resume is not None:
         run_dir = Path(resume)
         config = load_run_config(run_dir)
+        if (run_dir / FINAL_MODEL).exists() and not (run_dir / "backup").exists():
+            raise ValueError(f"{run_dir}: this run finished ({FINAL_MODEL} exists); there is "
+                             "nothing to resume. Start a new run with --config.")
     elif run_dir is not None:
         run_dir = Path(run_dir)
         run_dir.mkdir(parents=True, exist_ok=False)
