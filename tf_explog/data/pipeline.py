@@ -28,10 +28,11 @@ import numpy as np
 import tensorflow as tf
 
 from .cache import VolumeCache, default_cache_dir
-from .manifest import Manifest, ManifestError
+from .manifest import Manifest
 from .nifti import canonical_geometry
 from .preprocess import Preprocessor
-from .pydataset import _is_int, _positive_triple, build_augmentation  # shared, TF-free
+from .pydataset import (_is_int, _positive_triple, build_augmentation,  # shared, TF-free
+                        split_pairs)
 
 __all__ = ["make_dataset", "build_augmentation", "label_pyramid"]
 
@@ -153,24 +154,7 @@ def make_dataset(
     if parallel < 1:
         raise ValueError(f"num_parallel_reads: expected >= 1, got {num_parallel_reads!r}")
 
-    entries = manifest.entries(split)
-    if not entries:
-        raise ValueError(f"split: {split!r} of {manifest.path} has no cases")
-    pairs = [e.pair for e in entries]
-    # Fail here, with every file named, rather than deep inside a tf.data worker.
-    missing = [
-        f"{p}: file not found" for pair in pairs for p in pair
-        if p is not None and not os.path.isfile(p)
-    ]
-    if missing:
-        raise ManifestError(missing, manifest.path)
-    labelled = [p[1] is not None for p in pairs]
-    if any(labelled) and not all(labelled):
-        missing = [os.path.basename(p[0]) for p in pairs if p[1] is None]
-        raise ValueError(f"split {split!r}: some cases have no label file: {missing[:10]}")
-    with_labels = all(labelled)
-    if pyramid_levels and not with_labels:
-        raise ValueError(f"pyramid_levels: split {split!r} has no labels")
+    pairs, with_labels = split_pairs(manifest, split, pyramid_levels)
 
     preprocessor = manifest.preprocessor_for(preprocessor)
     cache = VolumeCache(cache_dir if cache_dir is not None else default_cache_dir(), preprocessor)

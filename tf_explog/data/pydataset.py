@@ -93,6 +93,30 @@ def _positive_triple(value, name: str) -> tuple:
     return out
 
 
+def split_pairs(manifest: Manifest, split: str, pyramid_levels: int = 0) -> tuple:
+    """``([(image, label or None), ...], all_labelled)`` of a split, every file checked.
+
+    Fails here, with every missing file named, rather than deep inside a loader worker.
+    """
+    entries = manifest.entries(split)
+    if not entries:
+        raise ValueError(f"split: {split!r} of {manifest.path} has no cases")
+    pairs = [tuple(e.pair) for e in entries]
+    missing = [
+        f"{p}: file not found" for pair in pairs for p in pair
+        if p is not None and not os.path.isfile(p)
+    ]
+    if missing:
+        raise ManifestError(missing, manifest.path)
+    labelled = [p[1] is not None for p in pairs]
+    if any(labelled) and not all(labelled):
+        names = [os.path.basename(p[0]) for p in pairs if p[1] is None]
+        raise ValueError(f"split {split!r}: some cases have no label file: {names[:10]}")
+    if pyramid_levels and not all(labelled):
+        raise ValueError(f"pyramid_levels: split {split!r} of {manifest.path} has no labels")
+    return pairs, all(labelled)
+
+
 def label_pyramid(labels: np.ndarray, levels: int) -> dict:
     """``{"segmentation": y, "aux_1": y[:, ::2, ::2, ::2], ..., "aux_k": y[:, ::2**k, ...]}``.
 
@@ -354,23 +378,7 @@ class VolumeSequence(keras.utils.PyDataset):
             )
         patch = _positive_triple(patch_size, "patch_size")
 
-        entries = manifest.entries(split)
-        if not entries:
-            raise ValueError(f"split: {split!r} of {manifest.path} has no cases")
-        pairs = [tuple(e.pair) for e in entries]
-        missing = [
-            f"{p}: file not found" for pair in pairs for p in pair
-            if p is not None and not os.path.isfile(p)
-        ]
-        if missing:
-            raise ManifestError(missing, manifest.path)
-        labelled = [p[1] is not None for p in pairs]
-        if any(labelled) and not all(labelled):
-            names = [os.path.basename(p[0]) for p in pairs if p[1] is None]
-            raise ValueError(f"split {split!r}: some cases have no label file: {names[:10]}")
-        self.with_labels = all(labelled)
-        if pyramid_levels and not self.with_labels:
-            raise ValueError(f"pyramid_levels: split {split!r} of {manifest.path} has no labels")
+        pairs, self.with_labels = split_pairs(manifest, split, pyramid_levels)
 
         self.manifest = manifest
         self.split = split
