@@ -20,6 +20,8 @@ _SUBMODULES = {
     "evaluation",
     "experiments",
     "config",
+    "augmentation",
+    "builders",
 }
 
 
