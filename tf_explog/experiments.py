@@ -146,10 +146,36 @@ def _ensure_synthetic(rc: ReproduceConfig, base_dir: Path) -> None:
                      shape=s.shape, seed=s.seed, verbose=True)
 
 
-def run_arm(config, run_dir: Path, test_entries, label_names, work_dir: Path) -> dict:
-    """Trains (or resumes, or skips) one arm, then segments and evaluates the test set."""
+def segment_and_evaluate(run_dir: Path, entries, label_names, progress: bool = True):
+    """Segments the entries' images with a run's best model and evaluates them per structure.
+
+    Returns:
+        (EvaluationResult, seconds spent predicting, voxels predicted).
+    """
+    import nibabel as nib
+
     from tf_explog.evaluation import evaluate_pairs
     from tf_explog.inference import predict_files
+
+    # One call over a folder of links, so the model is loaded once.
+    links = Path(tempfile.mkdtemp(prefix="tf_explog_inputs_"))
+    try:
+        for entry in entries:
+            os.symlink(Path(entry.image).resolve(), links / Path(entry.image).name)
+        pred_dir = Path(run_dir) / "test_predictions"
+        start = time.perf_counter()
+        predict_files(run_dir, links, pred_dir, overwrite=True, progress=progress)
+        seconds = time.perf_counter() - start
+    finally:
+        shutil.rmtree(links)
+    voxels = sum(int(np.prod(nib.load(str(e.image)).shape[:3])) for e in entries)
+    pairs = [(Path(e.image).name.split(".nii")[0], pred_dir / Path(e.image).name,
+              Path(e.label)) for e in entries]
+    return evaluate_pairs(pairs, list(label_names)), seconds, voxels
+
+
+def run_arm(config, run_dir: Path, test_entries, label_names) -> dict:
+    """Trains (or resumes, or skips) one arm, then segments and evaluates the test set."""
     from tf_explog.training import train
 
     done = run_dir / DONE_FILE
@@ -166,25 +192,8 @@ def run_arm(config, run_dir: Path, test_entries, label_names, work_dir: Path) ->
         result = train(config, run_dir=run_dir)
     train_seconds = time.perf_counter() - start
 
-    # Segment the test set: one call over a folder of links, so the model loads once.
-    links = Path(tempfile.mkdtemp(prefix="inputs_", dir=work_dir))
-    for entry in test_entries:
-        os.symlink(Path(entry.image).resolve(), links / Path(entry.image).name)
-    pred_dir = run_dir / "test_predictions"
-    start = time.perf_counter()
-    predict_files(run_dir, links, pred_dir, overwrite=True, progress=False)
-    predict_seconds = time.perf_counter() - start
-    shutil.rmtree(links)
-
-    voxels = 0
-    pairs = []
-    import nibabel as nib
-
-    for entry in test_entries:
-        name = Path(entry.image).name
-        voxels += int(np.prod(nib.load(str(entry.image)).shape[:3]))
-        pairs.append((name.split(".nii")[0], pred_dir / name, Path(entry.label)))
-    evaluation = evaluate_pairs(pairs, list(label_names))
+    evaluation, predict_seconds, voxels = segment_and_evaluate(
+        run_dir, test_entries, label_names, progress=False)
     summary = {
         "rows": evaluation.rows,
         "history": {k: [float(x) for x in v] for k, v in result.history.items()},
@@ -231,8 +240,7 @@ def reproduce(config_path: str | Path, overrides=(), out_dir: str | Path | None 
         print(f"[reproduce] arm {name}: loss={config.loss.name} {config.loss.params}",
               flush=True)
         try:
-            results[name] = run_arm(config, out / "runs" / name, test_entries, label_names,
-                                    out)
+            results[name] = run_arm(config, out / "runs" / name, test_entries, label_names)
         except Exception as err:  # one failed arm is reported, not fatal
             failures[name] = f"{type(err).__name__}: {err}"
             print(f"[reproduce] arm {name} FAILED: {failures[name]}", flush=True)
@@ -403,9 +411,8 @@ def demo(tiny: bool = False, root: str | Path | None = None) -> dict:
     ``reports/``, ``saved_models/``.
     """
     from tf_explog.data.synthetic import generate_dataset
-    from tf_explog.evaluation import evaluate_pairs, format_report
+    from tf_explog.evaluation import format_report
     from tf_explog.export import export_saved_model
-    from tf_explog.inference import predict_files
     from tf_explog.training import train
 
     root = Path(root) if root else REPO_ROOT
@@ -437,19 +444,11 @@ def demo(tiny: bool = False, root: str | Path | None = None) -> dict:
     result = train(config)
 
     print("[demo] 3/4 segmenting and evaluating the test subjects", flush=True)
-    from tf_explog.training import load_manifest
+    from tf_explog.builders import load_manifest
 
     manifest = load_manifest(config)
-    entries = manifest.entries("test")
-    pred_dir = result.run_dir / "test_predictions"
-    images = Path(tempfile.mkdtemp(prefix="demo_inputs_"))
-    for e in entries:
-        os.symlink(Path(e.image).resolve(), images / Path(e.image).name)
-    predict_files(result.run_dir, images, pred_dir, overwrite=True, progress=True)
-    shutil.rmtree(images)
-    pairs = [(Path(e.image).name.split(".nii")[0], pred_dir / Path(e.image).name,
-              Path(e.label)) for e in entries]
-    evaluation = evaluate_pairs(pairs, manifest.label_names)
+    evaluation, _, _ = segment_and_evaluate(result.run_dir, manifest.entries("test"),
+                                            manifest.label_names, progress=True)
     report_dir = root / "reports" / result.run_dir.parent.name / result.run_dir.name
     report_dir.mkdir(parents=True, exist_ok=True)
     report = report_dir / "report.md"
