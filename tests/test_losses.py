@@ -237,7 +237,18 @@ def test_finite_value_and_gradient(policy, case, name):
         assert np.isfinite(float(value)), (name, case, from_logits)
         assert np.all(np.isfinite(tf.cast(grad, tf.float32).numpy())), (name, case, from_logits)
         if case == "perfect" and name != "generalized_dice":
-            assert float(value) < 1e-3
+            if from_logits:  # -ln p from log-softmax is exactly 0: no floor is added
+                assert float(value) < 1e-3
+            else:
+                # A float32 softmax may give p = 1 - 1 ulp, and (-ln p)^0.3 turns 6e-8 into
+                # 7e-3: compare with the float64 reference on the same probabilities.
+                probs = tf.cast(y_pred, tf.float32).numpy()
+                ref = {"exp_log": lambda: ref_explog(labels, probs),
+                       "log_dice": lambda: ref_explog(labels, probs, gd=0.3, wd=1, wc=0),
+                       "weighted_cross_entropy": lambda: ref_explog(labels, probs, gc=0.3,
+                                                                    wd=0, wc=1),
+                       "linear_dice": lambda: ref_linear_dice(labels, probs)}[name]()
+                assert float(value) == pytest.approx(ref, rel=0.05, abs=1e-5)
 
     # gradient w.r.t. probabilities that are exactly one-hot / exactly zero
     probs = tf.Variable(tf.cast(tf.one_hot(labels, logits.shape[-1]), compute))
@@ -246,6 +257,22 @@ def test_finite_value_and_gradient(policy, case, name):
         value = loss(labels, probs)
     grad = tf.cast(tape.gradient(value, probs), tf.float32).numpy()
     assert np.isfinite(float(value)) and np.all(np.isfinite(grad))
+
+
+@pytest.mark.parametrize("where", ["everywhere", "one_voxel"])
+@pytest.mark.parametrize("from_logits", [False, True])
+@pytest.mark.parametrize("name", sorted(losses.LOSSES))
+def test_non_finite_predictions_give_a_non_finite_loss(name, from_logits, where):
+    # A broken network must not look perfect: NaN in, NaN out (an earlier version returned
+    # 0 here, and a NaN training run logged loss 0.0).
+    labels, logits = degenerate_cases()["perfect"]
+    bad = logits.copy() if from_logits else np_softmax(logits).astype(np.float32)
+    if where == "everywhere":
+        bad[...] = np.nan
+    else:
+        bad[0, 3, 3, 3, :] = np.nan
+    value = losses.get(name, from_logits=from_logits)(labels, bad)
+    assert not np.isfinite(float(value))
 
 
 @pytest.mark.parametrize("policy", ["mixed_float16", "mixed_bfloat16"], indirect=True)
