@@ -1,0 +1,26 @@
+"""The package's exceptions, all derived from :class:`TfExplogError`.
+
+- :class:`InputError` (also a ``ValueError``): bad input from the user — a config value, a
+  file, a data set, an option. Its message names the file or field and what was expected.
+  The command line prints it as one line and exits with status 2.
+- :class:`NonFiniteError` (also a ``RuntimeError``): training produced NaN or Inf. The
+  command line prints it as one line and exits with status 1.
+
+Anything else that escapes is a bug, reported with its traceback.
+"""
+
+from __future__ import annotations
+
+__all__ = ["TfExplogError", "InputError", "NonFiniteError"]
+
+
+class TfExplogError(Exception):
+    """Base class of every exception tf_explog defines."""
+
+
+class InputError(TfExplogError, ValueError):
+    """Bad input (config, file, data set or option); the message names it."""
+
+
+class NonFiniteError(TfExplogError, RuntimeError):
+    """A loss, metric or weight became NaN or Inf during training."""
