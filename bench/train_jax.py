@@ -79,7 +79,8 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
 from tf_explog.builders import (build_from_config, class_weights_for,  # noqa: E402
-                                compile_model)
+                                compile_model, inference_callbacks)
+from tf_explog.data.core import split_volumes  # noqa: E402
 from tf_explog.config import Config, ConfigError, load_config  # noqa: E402
 from tf_explog.data.pydataset import make_sequences_from_config  # noqa: E402
 
@@ -239,7 +240,12 @@ def _train(config: Config, args, out: Path) -> dict:
     if val_seq is None and monitor.startswith("val_"):
         monitor = "loss"
     clock = EpochClock()
-    callbacks = [
+    # Inference-mode validation after BatchNorm recalibration, as tf-explog train does.
+    cache_dir = train_seq.cache.cache_dir
+    callbacks = inference_callbacks(
+        config, split_volumes(manifest, "training", train_seq.preprocessor, cache_dir),
+        split_volumes(manifest, "validation", train_seq.preprocessor, cache_dir),
+        label_names, class_weights) + [
         clock,
         keras.callbacks.ModelCheckpoint(str(out / "best.keras"), monitor=monitor,
                                         mode="min" if monitor.endswith("loss") else "max",
@@ -254,9 +260,8 @@ def _train(config: Config, args, out: Path) -> dict:
     # shuffle=False: the sequence shuffles itself, seeded; Keras's own batch-index shuffle
     # would use Python's global random instead.
     history = model.fit(
-        train_seq, validation_data=val_seq, epochs=config.train.epochs,
-        steps_per_epoch=config.train.steps_per_epoch,
-        validation_steps=config.train.validation_steps, callbacks=callbacks,
+        train_seq, epochs=config.train.epochs,
+        steps_per_epoch=config.train.steps_per_epoch, callbacks=callbacks,
         shuffle=False, verbose=config.train.verbose)
     fit_seconds = time.perf_counter() - t
     model.save(str(out / "final.keras"))

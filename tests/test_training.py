@@ -16,7 +16,7 @@ import pytest
 import tensorflow as tf
 import yaml
 
-from tf_explog import training
+from tf_explog import plots, training
 from tf_explog.config import config_from_dict
 
 REPO = Path(__file__).resolve().parents[1]
@@ -136,9 +136,9 @@ def test_overlay_panel_colours_labels():
     image[8, :, :8] = 1.0  # left half bright: the 1st-99th percentile window is [0, 1]
     truth = np.zeros((16, 16, 16), np.int32)
     truth[8, 2:5, 2:5] = 2
-    panel = training.overlay_panel(image, truth, np.zeros_like(truth), 3, axis=0)
+    panel = plots.overlay_panel(image, truth, np.zeros_like(truth), 3, axis=0)
     assert panel.shape == (16, 48, 3)
-    colour = training.label_colours(3)[2]
+    colour = plots.label_colours(3)[2]
     np.testing.assert_allclose(panel[3, 16 + 3], 0.5 * 1.0 + 0.5 * colour, atol=1e-6)
     np.testing.assert_allclose(panel[3, 32 + 3], 1.0)  # prediction has no label there
 
@@ -197,6 +197,62 @@ def test_cli_train_and_resume_errors(dataset, tmp_path):
                                            "train": {"epochz": 1}}))
     assert cli.main(["train", "--config", str(config_path)]) == 2
     assert cli.main(["train", "--resume", str(tmp_path / "nope")]) == 2
+
+
+@pytest.mark.parametrize("policy", ["mixed_bfloat16", "mixed_float16"])
+def test_mixed_precision_is_refused_on_a_tensorflow_cpu(dataset, tmp_path, policy):
+    config = small_config(dataset, tmp_path, f"train.dtype_policy={policy}")
+    with pytest.raises(ValueError, match=f"train.dtype_policy={policy} is not supported on a CPU"):
+        training.train(config)
+    assert not (tmp_path / "runs").exists()  # refused before anything was created
+
+
+class PoisonWeights(keras.callbacks.Callback):
+    """Sets the first kernel to NaN just before step ``step`` of epoch ``epoch`` (0-based)."""
+
+    def __init__(self, epoch, step):
+        super().__init__()
+        self.epoch, self.step, self.current = epoch, step, -1
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.current = epoch
+
+    def on_train_batch_begin(self, batch, logs=None):
+        if self.current == self.epoch and batch == self.step:
+            kernel = self.model.weights[0]
+            kernel.assign(np.full(kernel.shape, np.nan, kernel.dtype))
+
+
+def test_nan_stops_training_with_one_line_and_a_failure_status(dataset, tmp_path, monkeypatch,
+                                                               capsys):
+    from tf_explog import cli
+    from tf_explog.callbacks import non_finite_weights
+
+    original = training.standard_callbacks
+
+    def with_poison(*args, **kwargs):
+        return original(*args, **kwargs) + [PoisonWeights(epoch=1, step=1)]
+
+    monkeypatch.setattr(training, "standard_callbacks", with_poison)
+    config_path = tmp_path / "nan.yaml"
+    raw = small_config(dataset, tmp_path, "train.epochs=3", "train.batch_size=1",
+                       "train.image_summary_every=0").to_dict()
+    config_path.write_text(yaml.safe_dump(raw))
+    status = cli.main(["train", "--config", str(config_path)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert status == 1
+    assert len(err) == 1 and "epoch 2, step 2" in err[0] and "nan" in err[0], err
+    (run,) = (tmp_path / "runs" / "t").iterdir()
+    assert (run / "FAILED.json").is_file()
+    assert not (run / "checkpoints" / "final.keras").exists()
+    best = run / "checkpoints" / "best.keras"
+    assert best.is_file()  # from epoch 1, before the NaN
+    assert non_finite_weights(keras.saving.load_model(best, compile=False)) == []
+    with open(run / "metrics.csv") as f:
+        assert [int(r["epoch"]) for r in csv.DictReader(f)] == [0]
+    # a failed run is not exported
+    assert cli.main(["export", "--run", str(run), "--base", str(tmp_path / "sm")]) == 2
+    assert "failed" in capsys.readouterr().err
 
 
 def _free_port():

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
-import time
 from pathlib import Path
 
 import keras
@@ -146,12 +145,34 @@ def monitor_name(config: Config) -> str:
     return config.train.checkpoint_monitor
 
 
-class EpochTimer(keras.callbacks.Callback):
-    """Adds ``epoch_seconds`` to the logs (read by the loss-comparison report)."""
+def patch_window(config: Config):
+    """The sliding window of a patch-trained model (its patch size), None for volumes."""
+    return tuple(config.data.patch_size) if config.data.mode == "patch" else None
 
-    def on_epoch_begin(self, epoch, logs=None):
-        self._start = time.perf_counter()
 
-    def on_epoch_end(self, epoch, logs=None):
-        if logs is not None:
-            logs["epoch_seconds"] = time.perf_counter() - self._start
+def inference_callbacks(config: Config, train_volumes, val_volumes, label_names,
+                        class_weights, eager_validation: bool = False) -> list:
+    """The callbacks that make a run judge the model as users run it, in their order.
+
+    ``NonFiniteGuard`` (first: stops at a NaN before anything is saved), ``EpochTimer``
+    (training steps only), ``BatchNormRecalibration`` on the clean training volumes, and
+    ``InferenceValidation`` on the validation volumes (whole volumes or sliding windows),
+    which writes the ``val_*`` logs that checkpointing and logging callbacks read.
+    """
+    from tf_explog.batchnorm import BatchNormRecalibration
+    from tf_explog.callbacks import EpochTimer, InferenceValidation, NonFiniteGuard
+    from tf_explog.data.core import clean_batches
+
+    t = config.train
+    window = patch_window(config)
+    callbacks = [NonFiniteGuard(), EpochTimer()]
+    if t.bn_recalibration:
+        callbacks.append(BatchNormRecalibration(
+            clean_batches(train_volumes, window), every=t.validation_every,
+            passes=t.bn_recalibration_passes))
+    if val_volumes is not None:
+        callbacks.append(InferenceValidation(
+            val_volumes, len(label_names), label_names, window=window,
+            tta=t.validation_tta, loss=make_loss(config, class_weights),
+            every=t.validation_every, eager=eager_validation))
+    return callbacks

@@ -160,8 +160,14 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     args = build_parser().parse_args(argv)
+    from tf_explog.errors import NonFiniteError
+
     try:
         return args.func(args)
+    except NonFiniteError as err:
+        # Training diverged: one line, a failure status, and nothing NaN was kept.
+        print(f"tf-explog {args.command}: error: {err}", file=sys.stderr)
+        return 1
     except (ValueError, FileNotFoundError, FileExistsError) as err:
         # Bad input: one clear line (the message names the file and field), no traceback.
         print(f"tf-explog {args.command}: error: {err}", file=sys.stderr)

@@ -142,7 +142,6 @@ class TrainConfig:
     epochs: int = 100
     batch_size: int = 1  # global batch size (split across replicas)
     steps_per_epoch: Optional[int] = None  # None = one pass over the training split
-    validation_steps: Optional[int] = None
     optimizer: str = "nadam"  # nadam | adam | sgd
     learning_rate: float = 1e-3
     dtype_policy: str = "float32"  # float32 | mixed_float16 | mixed_bfloat16
@@ -150,6 +149,12 @@ class TrainConfig:
     strategy: str = "none"  # none | mirrored | multi_worker
     image_summary_every: int = 5  # epochs between TensorBoard image summaries; 0 = never
     checkpoint_monitor: str = "val_dice"
+    # Population BatchNorm statistics from the clean training volumes before every
+    # validation, checkpoint and at the end (tf_explog.batchnorm); false keeps Keras' EMA.
+    bn_recalibration: bool = True
+    bn_recalibration_passes: int = 1  # 1: batch statistics while collecting; more: refine
+    validation_every: int = 1  # epochs between inference-mode validations
+    validation_tta: bool = False  # flip test-time augmentation in validation
     verbose: int = 1
 
     def validate(self, key):
@@ -157,8 +162,6 @@ class TrainConfig:
         _range(f"{key}.batch_size", self.batch_size, 1, 4096)
         if self.steps_per_epoch is not None:
             _range(f"{key}.steps_per_epoch", self.steps_per_epoch, 1, 10**9)
-        if self.validation_steps is not None:
-            _range(f"{key}.validation_steps", self.validation_steps, 1, 10**9)
         _choice(f"{key}.optimizer", self.optimizer, ("nadam", "adam", "sgd"))
         _range(f"{key}.learning_rate", self.learning_rate, 1e-12, 10.0)
         _choice(f"{key}.dtype_policy", self.dtype_policy,
@@ -166,6 +169,8 @@ class TrainConfig:
         _choice(f"{key}.jit_compile", self.jit_compile, ("auto", True, False))
         _choice(f"{key}.strategy", self.strategy, ("none", "mirrored", "multi_worker"))
         _range(f"{key}.image_summary_every", self.image_summary_every, 0, 10**6)
+        _range(f"{key}.bn_recalibration_passes", self.bn_recalibration_passes, 1, 100)
+        _range(f"{key}.validation_every", self.validation_every, 1, 10**6)
         _choice(f"{key}.verbose", self.verbose, (0, 1, 2))
 
 

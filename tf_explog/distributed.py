@@ -25,7 +25,11 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from tf_explog.metrics import PerLabelDice
+from tf_explog.batchnorm import recalibrate_batchnorm
+from tf_explog.callbacks import NonFiniteGuard, eager_predict, validate_volumes
+from tf_explog.data.core import clean_batches, split_volumes
+from tf_explog.errors import NonFiniteError
+from tf_explog.metrics import _log_key
 
 
 def _is_chief(resolver) -> bool:
@@ -55,8 +59,11 @@ def train_multi_worker(config, run_dir: Path, fresh: bool = True):
     steps = config.train.steps_per_epoch or max(
         1, len(manifest.entries("training")) // global_batch)
     config.train.steps_per_epoch = steps
-    train_ds, val_ds = tr.make_datasets(config, manifest, preprocessor, cache_dir,
-                                        global_batch)
+    train_ds = tr.make_train_dataset(config, manifest, preprocessor, cache_dir, global_batch)
+    train_volumes = split_volumes(manifest, "training", preprocessor, cache_dir)
+    val_volumes = split_volumes(manifest, "validation", preprocessor, cache_dir)
+    window = b.patch_window(config)
+    recalibration = clean_batches(train_volumes, window)
     if config.model.aux_outputs:
         raise ValueError("train.strategy=multi_worker supports model.aux_outputs=0 only.")
 
@@ -67,7 +74,7 @@ def train_multi_worker(config, run_dir: Path, fresh: bool = True):
         epoch_var = tf.Variable(0, dtype=tf.int64, trainable=False)
         optimizer.build(model.trainable_variables)
     terms = b.term_metrics(loss_fn)
-    dice = PerLabelDice(num_classes=len(label_names), label_names=label_names, name="dice")
+    val_loss_fn = b.make_loss(config, class_weights)
 
     checkpoint = tf.train.Checkpoint(model=model, optimizer=optimizer, epoch=epoch_var)
     manager = tf.train.CheckpointManager(checkpoint, str(work_dir / "backup"), max_to_keep=1)
@@ -109,17 +116,31 @@ def train_multi_worker(config, run_dir: Path, fresh: bool = True):
     for epoch in range(int(epoch_var.numpy()), config.train.epochs):
         start = time.perf_counter()
         sums = np.zeros(1 + len(terms))
-        for _ in range(steps):
-            sums += np.array([float(v) for v in train_step(iterator)])
+        for step in range(steps):
+            values = np.array([float(v) for v in train_step(iterator)])
+            if not np.isfinite(values[0]):
+                raise NonFiniteError(
+                    f"training stopped: the loss became {values[0]} at epoch {epoch + 1}, "
+                    f"step {step + 1}; nothing from this epoch was saved")
+            sums += values
         logs = {"loss": sums[0] / steps}
         logs.update({name: sums[i + 1] / steps for i, name in enumerate(term_names)})
         logs["learning_rate"] = float(keras.ops.convert_to_numpy(optimizer.learning_rate))
-        if val_ds is not None:
-            dice.reset_state()
-            for image, labels in val_ds:
-                dice.update_state(labels, model(image, training=False))
-            logs.update({f"val_{k}": float(v) for k, v in dice.result().items()})
         logs["epoch_seconds"] = time.perf_counter() - start
+        _check_finite(logs, model, epoch)
+        # As in the fit path: population BatchNorm statistics, then validation of the model
+        # as users run it. Every worker does both on the same data, so they stay identical.
+        if config.train.bn_recalibration:
+            recalibrate_batchnorm(model, recalibration,
+                                  passes=config.train.bn_recalibration_passes)
+        if val_volumes is not None:
+            result = validate_volumes(model, val_volumes, len(label_names), window=window,
+                                      tta=config.train.validation_tta,
+                                      loss=val_loss_fn, predict=eager_predict(model))
+            logs["val_dice"] = result["dice"]
+            logs.update({f"val_dice_{_log_key(n)}": v for n, v in
+                         zip(label_names[1:], result["dice_per_label"][1:])})
+            logs["val_loss"] = result["loss"]
 
         with writer.as_default():
             for key, value in logs.items():
@@ -153,6 +174,17 @@ def train_multi_worker(config, run_dir: Path, fresh: bool = True):
         (work_dir / "history.json").write_text(json.dumps(history, indent=1))
     return tr.TrainResult(Path(run_dir), history, Path(run_dir) / tr.BEST_CHECKPOINT,
                           Path(run_dir) / tr.FINAL_MODEL)
+
+
+def _check_finite(logs: dict, model, epoch: int) -> None:
+    """The fit path's NonFiniteGuard, for the custom loop (epoch granularity)."""
+    for key, value in logs.items():
+        if not np.isfinite(value):
+            raise NonFiniteError(f"training stopped: {key} is {value} at the end of epoch "
+                                 f"{epoch + 1}; nothing from this epoch was saved")
+    guard = NonFiniteGuard()
+    guard.set_model(model)
+    guard.on_epoch_end(epoch, {})
 
 
 def _append_csv(path: Path, epoch: int, logs: dict) -> None:

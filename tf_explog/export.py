@@ -134,6 +134,12 @@ def export_saved_model(
     source = _resolve_source(model_or_run_dir, checkpoint)
     model = source["model"]
     channels, num_classes = _model_io(model, source["what"])
+    from tf_explog.callbacks import non_finite_weights
+
+    bad = non_finite_weights(model)
+    if bad:
+        raise ExportError(f"{source['what']}: {len(bad)} weight tensor(s) hold NaN/Inf "
+                          f"(first: {bad[0]}); a broken model is not exported")
 
     pre = _resolve_preprocessor(preprocessor, source["info"].get("preprocessor"), normalization)
     names = _resolve_label_names(label_names, source["info"].get("label_names"), num_classes,
@@ -419,6 +425,9 @@ def _resolve_source(obj: Any, checkpoint: str) -> dict:
     info = load_run_info(path)  # FileNotFoundError for a missing dir or run.json
     if not isinstance(info, Mapping):
         raise ExportError(f"{path / 'run.json'}: expected a JSON object")
+    if (path / "FAILED.json").is_file():
+        raise ExportError(f"{path}: this run failed ({path / 'FAILED.json'}); export one of "
+                          "its checkpoints explicitly if you are sure it is sound")
     keys = {"best": "best_checkpoint", "final": "final_model"}
     if checkpoint not in keys:
         raise ExportError(f"checkpoint: expected 'best' or 'final', got {checkpoint!r}")

@@ -215,8 +215,9 @@ def _segmentation(out, model) -> np.ndarray:
     return np.asarray(keras.ops.convert_to_numpy(out), dtype=np.float32)
 
 
-def _run(model, batch: np.ndarray) -> np.ndarray:
-    out = _segmentation(model.predict_on_batch(batch), model)
+def _run(model, batch: np.ndarray, predict_fn=None) -> np.ndarray:
+    raw = predict_fn(batch) if predict_fn is not None else model.predict_on_batch(batch)
+    out = _segmentation(raw, model)
     if out.ndim != 5 or out.shape[:4] != batch.shape[:4]:
         raise InferenceError(
             f"model: expected probabilities [batch, D, H, W, K] for input {batch.shape}, got {out.shape}"
@@ -224,7 +225,8 @@ def _run(model, batch: np.ndarray) -> np.ndarray:
     return out
 
 
-def _predict_once(model, image, window, fixed, overlap, gaussian_sigma, window_batch, divisor):
+def _predict_once(model, image, window, fixed, overlap, gaussian_sigma, window_batch, divisor,
+                  predict_fn=None):
     """One pass without TTA: pad, predict (one call or blended windows), crop."""
     shape = image.shape[:3]
     if fixed:
@@ -239,7 +241,7 @@ def _predict_once(model, image, window, fixed, overlap, gaussian_sigma, window_b
     crop = tuple(slice(0, s) for s in shape)
     corners = _corners(padded, win, overlap)
     if len(corners) == 1:
-        return _run(model, image[np.newaxis])[0][crop]
+        return _run(model, image[np.newaxis], predict_fn)[0][crop]
 
     g = gaussian_importance_map(win, gaussian_sigma)
     acc = None
@@ -252,7 +254,7 @@ def _predict_once(model, image, window, fixed, overlap, gaussian_sigma, window_b
             # Keep the batch shape constant (one trace / one XLA program); extra rows are ignored.
             batch = np.concatenate([batch, np.zeros((window_batch - len(chunk),) + batch.shape[1:],
                                                     batch.dtype)])
-        out = _run(model, batch)
+        out = _run(model, batch, predict_fn)
         if acc is None:
             acc = np.zeros(padded + (out.shape[-1],), np.float32)
         for k, s in enumerate(slices):
@@ -272,6 +274,7 @@ def predict_volume(
     tta: Union[bool, Sequence[int]] = False,
     window_batch: int = 1,
     divisor: int = DIVISOR,
+    predict_fn=None,
 ) -> np.ndarray:
     """Class probabilities of a whole preprocessed volume of any size.
 
@@ -293,6 +296,8 @@ def predict_volume(
             spatial axes whose flip combinations to average over (``(0, 1)``: 4 passes).
         window_batch: windows per model call.
         divisor: spatial sizes the model accepts are multiples of this.
+        predict_fn: how to run a batch (default ``model.predict_on_batch``; e.g.
+            ``lambda x: model(x, training=False)`` inside a custom distributed loop).
 
     Returns:
         float32 ``[D, H, W, K]``.
@@ -346,7 +351,8 @@ def predict_volume(
     total = None
     for axes in flips:
         x = np.flip(image, axes) if axes else image
-        p = _predict_once(model, x, window, fixed, overlap, gaussian_sigma, int(window_batch), divisor)
+        p = _predict_once(model, x, window, fixed, overlap, gaussian_sigma, int(window_batch),
+                          divisor, predict_fn)
         p = np.flip(p, axes) if axes else p
         # float64 sum: the mean does not depend on the order of the flips (exact TTA symmetry).
         total = p.astype(np.float64) if total is None else total + p
@@ -388,9 +394,16 @@ def _load_keras_file(path: Path) -> keras.Model:
     if path.suffix != ".keras":
         raise InferenceError(f"{path}: expected a run directory or a .keras model file")
     try:
-        return keras.saving.load_model(path, compile=False)
+        model = keras.saving.load_model(path, compile=False)
     except Exception as exc:  # Keras raises many types for a corrupt archive
         raise InferenceError(f"{path}: cannot load the Keras model ({type(exc).__name__}: {exc})") from exc
+    from tf_explog.callbacks import non_finite_weights
+
+    bad = non_finite_weights(model)
+    if bad:
+        raise InferenceError(f"{path}: {len(bad)} weight tensor(s) hold NaN/Inf (first: "
+                             f"{bad[0]}); this model cannot segment anything")
+    return model
 
 
 def load_predictor(model: Union[PathLike, keras.Model]) -> Predictor:

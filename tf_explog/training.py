@@ -22,15 +22,18 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from tf_explog.builders import (EpochTimer, build_from_config, cache_dir_for,
-                                class_weights_for, compile_model, load_manifest,
-                                make_augmentation, make_preprocessor,
-                                monitor_name)
+from tf_explog.builders import (build_from_config, cache_dir_for, class_weights_for,
+                                compile_model, inference_callbacks, load_manifest,
+                                make_augmentation, make_preprocessor, monitor_name)
 from tf_explog.config import Config, ConfigError, config_from_dict
+from tf_explog.data.core import split_volumes
+from tf_explog.errors import NonFiniteError
+from tf_explog.plots import overlay_panel
 
 RUN_FILE = "run.json"
 BEST_CHECKPOINT = "checkpoints/best.keras"
 FINAL_MODEL = "checkpoints/final.keras"
+FAILED_FILE = "FAILED.json"
 
 
 @dataclass
@@ -118,6 +121,27 @@ def resolve_jit_compile(setting) -> bool:
     return bool(setting)
 
 
+def check_dtype_policy(policy: str) -> None:
+    """Refuses mixed precision on a TensorFlow CPU, where it cannot train this network.
+
+    - mixed_bfloat16: TensorFlow's CPU Conv3D accumulates the kernel gradient (a sum over
+      every voxel) in bfloat16: measured 10 % off at 48³ and 87 % at 128³
+      (``bench/bf16_cpu_gradients.py``), and a demo run ended with every weight NaN.
+    - mixed_float16: the CPU has no float16 MaxPool3D kernel.
+    """
+    if policy == "float32" or tf.config.list_physical_devices("GPU"):
+        return
+    why = {
+        "mixed_bfloat16": "TensorFlow's CPU kernels accumulate Conv3D weight gradients in "
+                          "bfloat16 (87% error at 128^3, see bench/bf16_cpu_gradients.py) "
+                          "and such runs ended with NaN weights",
+        "mixed_float16": "TensorFlow has no float16 MaxPool3D kernel on the CPU",
+    }[policy]
+    raise ConfigError(f"train.dtype_policy={policy} is not supported on a CPU with the "
+                      f"TensorFlow backend: {why}. Use float32 here; mixed precision is for "
+                      "GPUs (or the JAX backend, which accumulates in float32).")
+
+
 def make_strategy(name: str) -> tf.distribute.Strategy:
     if name == "none":
         return tf.distribute.get_strategy()
@@ -128,56 +152,26 @@ def make_strategy(name: str) -> tf.distribute.Strategy:
     raise ConfigError(f"train.strategy must be none, mirrored or multi_worker; got {name!r}.")
 
 
-def make_datasets(config: Config, manifest, preprocessor, cache_dir, global_batch_size):
+def make_train_dataset(config: Config, manifest, preprocessor, cache_dir, global_batch_size):
+    """The shuffled, augmented tf.data stream of the training split.
+
+    Validation does not go through tf.data: it runs on whole volumes in inference mode
+    (`tf_explog.callbacks.InferenceValidation`).
+    """
     from tf_explog.data.pipeline import make_dataset
 
     d = config.data
-    pyramid = config.model.aux_outputs
-    common = dict(mode=d.mode, patch_size=tuple(d.patch_size), batch_size=global_batch_size,
-                  cache_dir=cache_dir, preprocessor=preprocessor, pyramid_levels=pyramid)
-    train = make_dataset(
-        manifest, "training", shuffle=True, seed=config.seed, oversample=d.oversample,
-        augment=make_augmentation(config, config.seed),
-        repeat=config.train.steps_per_epoch is not None, **common)
-    val = None
-    if manifest.entries("validation"):
-        val = make_dataset(manifest, "validation", shuffle=False, seed=config.seed,
-                           oversample=d.oversample, augment=None, repeat=False, **common)
-    return train, val
+    return make_dataset(
+        manifest, "training", mode=d.mode, patch_size=tuple(d.patch_size),
+        batch_size=global_batch_size, cache_dir=cache_dir, preprocessor=preprocessor,
+        pyramid_levels=config.model.aux_outputs, shuffle=True, seed=config.seed,
+        oversample=d.oversample, augment=make_augmentation(config, config.seed),
+        repeat=config.train.steps_per_epoch is not None)
 
 
 # --------------------------------------------------------------------------------------
 # Callbacks
 # --------------------------------------------------------------------------------------
-
-
-def label_colours(num_classes: int) -> np.ndarray:
-    """An RGB colour per label (0 = black), from matplotlib's tab20 cycle."""
-    from matplotlib import colormaps
-
-    cmap = colormaps["tab20"]
-    colours = np.array([cmap(i % 20)[:3] for i in range(num_classes)], np.float32)
-    colours[0] = 0.0
-    return colours
-
-
-def overlay_panel(image: np.ndarray, truth: np.ndarray, pred: np.ndarray,
-                  num_classes: int, axis: int, alpha: float = 0.5) -> np.ndarray:
-    """Middle slice along ``axis``: [image | truth overlay | prediction overlay], RGB in [0,1]."""
-    mid = image.shape[axis] // 2
-    img = np.take(image[..., 0], mid, axis=axis)
-    lo, hi = np.percentile(img, [1, 99])
-    grey = np.clip((img - lo) / max(hi - lo, 1e-6), 0, 1)[..., None].repeat(3, -1)
-    colours = label_colours(num_classes)
-
-    def blend(labels):
-        lab = np.take(labels, mid, axis=axis)
-        out = grey.copy()
-        mask = lab > 0
-        out[mask] = (1 - alpha) * grey[mask] + alpha * colours[lab[mask]]
-        return out
-
-    return np.concatenate([grey, blend(truth), blend(pred)], axis=1)
 
 
 class ImageSummary(keras.callbacks.Callback):
@@ -207,9 +201,12 @@ class ImageSummary(keras.callbacks.Callback):
 
 
 def standard_callbacks(config: Config, run_dir: Path, sample, num_classes):
+    """Resume state, best checkpoint, CSV, TensorBoard and overlays (in this order).
+
+    They come after `builders.inference_callbacks`, whose validation logs they read.
+    """
     monitor = monitor_name(config)
     callbacks = [
-        EpochTimer(),
         keras.callbacks.BackupAndRestore(str(run_dir / "backup"), save_freq="epoch",
                                          delete_checkpoint=True),
         keras.callbacks.ModelCheckpoint(str(run_dir / BEST_CHECKPOINT), monitor=monitor,
@@ -226,14 +223,11 @@ def standard_callbacks(config: Config, run_dir: Path, sample, num_classes):
     return callbacks
 
 
-def first_sample(dataset):
-    """One (image, labels) example at full resolution, for image summaries."""
-    if dataset is None:
-        return None
-    for image, labels in dataset.take(1):
-        if isinstance(labels, dict):
-            labels = labels["segmentation"]
-        return image.numpy()[0], labels.numpy()[0]
+def first_sample(*volume_sets):
+    """The first (image, labels) volume of the first non-empty set, for image summaries."""
+    for volumes in volume_sets:
+        if volumes is not None and len(volumes):
+            return volumes[0]
     return None
 
 
@@ -262,10 +256,11 @@ def train(config: Config, *, resume: str | Path | None = None, extra_callbacks=(
         if (run_dir / FINAL_MODEL).exists() and not (run_dir / "backup").exists():
             raise ValueError(f"{run_dir}: this run finished ({FINAL_MODEL} exists); there is "
                              "nothing to resume. Start a new run with --config.")
-    elif run_dir is not None:
+    check_dtype_policy(config.train.dtype_policy)  # before anything is created on disk
+    if resume is None and run_dir is not None:
         run_dir = Path(run_dir)
         run_dir.mkdir(parents=True, exist_ok=False)
-    else:
+    elif resume is None:
         run_dir = new_run_dir(config)
     (run_dir / "checkpoints").mkdir(exist_ok=True)
 
@@ -278,6 +273,11 @@ def train(config: Config, *, resume: str | Path | None = None, extra_callbacks=(
 
             return train_multi_worker(config, run_dir, fresh=resume is None)
         return _fit(config, run_dir, extra_callbacks, fresh=resume is None)
+    except NonFiniteError as err:
+        # Marked so nobody takes the run for a finished one; best.keras (if any) is from an
+        # earlier, finite epoch.
+        _atomic_write(run_dir / FAILED_FILE, json.dumps({"error": str(err)}, indent=1))
+        raise NonFiniteError(f"{err} (run directory: {run_dir})") from None
     finally:
         keras.config.set_dtype_policy(previous_policy)
 
@@ -291,24 +291,29 @@ def _fit(config: Config, run_dir: Path, extra_callbacks, fresh: bool) -> TrainRe
     cache_dir = cache_dir_for(config)
     class_weights = class_weights_for(config, manifest, preprocessor, cache_dir)
     strategy = make_strategy(config.train.strategy)
-    train_ds, val_ds = make_datasets(config, manifest, preprocessor, cache_dir,
-                                     config.train.batch_size)
+    train_ds = make_train_dataset(config, manifest, preprocessor, cache_dir,
+                                  config.train.batch_size)
+    train_volumes = split_volumes(manifest, "training", preprocessor, cache_dir)
+    val_volumes = split_volumes(manifest, "validation", preprocessor, cache_dir)
     label_names = manifest.label_names
     with strategy.scope():
         model = build_from_config(config, len(label_names), manifest.num_channels)
         compile_model(model, config, class_weights, label_names,
                       resolve_jit_compile(config.train.jit_compile))
-    callbacks = standard_callbacks(config, run_dir, first_sample(val_ds or train_ds),
-                                   len(label_names)) + list(extra_callbacks)
+    callbacks = (inference_callbacks(config, train_volumes, val_volumes, label_names,
+                                     class_weights,
+                                     eager_validation=strategy.num_replicas_in_sync > 1)
+                 + standard_callbacks(config, run_dir, first_sample(val_volumes, train_volumes),
+                                      len(label_names))
+                 + list(extra_callbacks))
     # One line whatever the verbosity: which run, and how it is set up.
     print(f"[tf_explog] run {run_dir} seed={config.seed} policy="
           f"{config.train.dtype_policy} jit={resolve_jit_compile(config.train.jit_compile)}"
           f" strategy={config.train.strategy} replicas={strategy.num_replicas_in_sync}",
           flush=True)
     history = model.fit(
-        train_ds, validation_data=val_ds, epochs=config.train.epochs,
-        steps_per_epoch=config.train.steps_per_epoch,
-        validation_steps=config.train.validation_steps, callbacks=callbacks,
+        train_ds, epochs=config.train.epochs,
+        steps_per_epoch=config.train.steps_per_epoch, callbacks=callbacks,
         shuffle=False,  # the tf.data pipeline shuffles, seeded
         verbose=config.train.verbose)
     final = run_dir / FINAL_MODEL

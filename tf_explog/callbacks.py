@@ -1,0 +1,273 @@
+"""Keras callbacks for honest training: inference-mode validation, non-finite guard, timing.
+
+- :class:`InferenceValidation` validates the model the way users run it: whole volumes (or
+  sliding windows with Gaussian blending, for patch-trained models) through
+  :func:`tf_explog.inference.predict_volume`, in inference mode, after
+  :class:`tf_explog.batchnorm.BatchNormRecalibration` has set population statistics. It
+  writes ``val_dice``, ``val_dice_<structure>`` and ``val_loss`` into the epoch logs, where
+  checkpointing, CSV and TensorBoard callbacks placed after it read them.
+- :class:`NonFiniteGuard` stops training at the first non-finite loss (naming the epoch and
+  step) or weight, by raising :class:`NonFiniteError`, before anything is checkpointed.
+- :class:`EpochTimer` adds ``epoch_seconds`` to the logs.
+
+``keras.ops`` and NumPy only: these run on the TensorFlow and JAX backends and importing the
+module does not import TensorFlow.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Any, Callable, Iterable, Optional, Sequence, Union
+
+import keras
+import numpy as np
+
+from tf_explog.errors import NonFiniteError
+from tf_explog.metrics import _log_key
+
+__all__ = [
+    "NonFiniteError",
+    "NonFiniteGuard",
+    "InferenceValidation",
+    "EpochTimer",
+    "dice_from_counts",
+    "validate_volumes",
+    "non_finite_weights",
+    "eager_predict",
+]
+
+
+# --------------------------------------------------------------------------------------
+# Non-finite values
+# --------------------------------------------------------------------------------------
+
+
+def non_finite_weights(model: keras.Model) -> list:
+    """Paths of the model's variables holding NaN or Inf (empty when all are finite)."""
+    bad = []
+    for variable in model.weights:
+        value = np.asarray(keras.ops.convert_to_numpy(variable.value))
+        if np.issubdtype(value.dtype, np.floating) and not np.all(np.isfinite(value)):
+            bad.append(variable.path)
+    return bad
+
+
+def _as_float(value) -> float:
+    return float(np.asarray(keras.ops.convert_to_numpy(value)).reshape(-1)[0])
+
+
+class NonFiniteGuard(keras.callbacks.Callback):
+    """Raises :class:`NonFiniteError` at the first non-finite loss or weight.
+
+    The loss Keras reports at each step is the running mean of the epoch so far, so it turns
+    non-finite exactly at the first non-finite step and stays so. To keep the accelerator
+    busy the loss of step k is read at the end of step k + 1 (when it is ready anyway); the
+    last step of an epoch is read at the epoch's end, together with every logged value and
+    every weight, before the callbacks after this one checkpoint anything.
+
+    Put it first among the callbacks.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._epoch = 0
+        self._pending = None  # (step, loss tensor) not checked yet
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._epoch = epoch
+        self._pending = None
+
+    def _check_pending(self) -> None:
+        if self._pending is None:
+            return
+        step, loss = self._pending
+        self._pending = None
+        value = _as_float(loss)
+        if not math.isfinite(value):
+            raise NonFiniteError(
+                f"training stopped: the loss became {value} at epoch {self._epoch + 1}, "
+                f"step {step + 1}; nothing from this epoch was saved (lower the learning "
+                "rate, or check the data and the dtype policy)")
+
+    def on_train_batch_end(self, batch, logs=None):
+        self._check_pending()
+        if logs and "loss" in logs:
+            self._pending = (batch, logs["loss"])
+
+    def on_epoch_end(self, epoch, logs=None):
+        self._check_pending()
+        for key, value in (logs or {}).items():
+            try:
+                number = _as_float(value)
+            except (TypeError, ValueError):
+                continue
+            if not math.isfinite(number):
+                raise NonFiniteError(
+                    f"training stopped: {key} is {number} at the end of epoch {epoch + 1}; "
+                    "nothing from this epoch was saved")
+        bad = non_finite_weights(self.model)
+        if bad:
+            raise NonFiniteError(
+                f"training stopped: {len(bad)} weight tensor(s) hold NaN/Inf at the end of "
+                f"epoch {epoch + 1} (first: {bad[0]}); nothing from this epoch was saved")
+
+
+# --------------------------------------------------------------------------------------
+# Validation in inference mode
+# --------------------------------------------------------------------------------------
+
+
+def dice_from_counts(tp: np.ndarray, pred: np.ndarray, true: np.ndarray,
+                     include_background: bool = False) -> tuple:
+    """Hard Dice per label from voxel counts, and their mean, as `PerLabelDice` reports them.
+
+    ``Dice_i = 2 TP_i / (P_i + T_i)``; a label absent from both is 1.0 and left out of the
+    mean; background is left out unless ``include_background``.
+
+    Returns:
+        ``(mean, dice per label [K] float64)``.
+    """
+    tp, pred, true = (np.asarray(a, np.float64) for a in (tp, pred, true))
+    denom = pred + true
+    present = denom > 0
+    dice = np.where(present, 2.0 * tp / np.where(present, denom, 1.0), 1.0)
+    first = 0 if include_background else 1
+    chosen = present[first:]
+    mean = float(dice[first:][chosen].mean()) if chosen.any() else 1.0
+    return mean, dice
+
+
+def validate_volumes(
+    model: keras.Model,
+    volumes: Iterable,
+    num_classes: int,
+    *,
+    window: Optional[Sequence[int]] = None,
+    overlap: float = 0.5,
+    tta: Union[bool, Sequence[int]] = False,
+    loss: Optional[Callable] = None,
+    predict: Optional[Callable] = None,
+) -> dict:
+    """Per-label Dice over whole volumes predicted in inference mode (and the loss).
+
+    Each ``(image [D, H, W, C], labels [D, H, W])`` pair goes through
+    :func:`tf_explog.inference.predict_volume` (padding to a multiple of 16, or sliding
+    windows of ``window`` blended with a Gaussian, optional flip TTA). Voxel counts are
+    summed over all volumes before the Dice is taken (the definition of `PerLabelDice`).
+
+    Args:
+        model: the model; its "segmentation" output (or only output) is used.
+        volumes: an iterable of ``(image, labels)`` NumPy pairs.
+        num_classes: labels, background included.
+        window, overlap, tta: see :func:`tf_explog.inference.predict_volume`.
+        loss: optional ``loss(y_true, y_pred)`` evaluated per volume on the full-volume
+            probabilities; its mean is returned as ``"loss"``.
+        predict: how to run a batch (default ``model.predict_on_batch``).
+
+    Returns:
+        ``{"dice": mean, "dice_per_label": [K], "loss": mean or None, "volumes": n}``.
+    """
+    from tf_explog.inference import predict_volume
+
+    tp = np.zeros(num_classes, np.int64)
+    pred_sum = np.zeros(num_classes, np.int64)
+    true_sum = np.zeros(num_classes, np.int64)
+    losses, n = [], 0
+    for image, labels in volumes:
+        probs = predict_volume(model, image, window=window, overlap=overlap, tta=tta,
+                               predict_fn=predict)
+        pred = np.argmax(probs, axis=-1)
+        truth = np.asarray(labels).astype(np.int64)
+        valid = (truth >= 0) & (truth < num_classes)
+        t, p = truth[valid], pred[valid]
+        tp += np.bincount(t[t == p], minlength=num_classes)[:num_classes]
+        pred_sum += np.bincount(p, minlength=num_classes)[:num_classes]
+        true_sum += np.bincount(t, minlength=num_classes)[:num_classes]
+        if loss is not None:
+            value = loss(truth[np.newaxis].astype(np.int32), probs[np.newaxis])
+            losses.append(_as_float(value))
+        n += 1
+    if n == 0:
+        raise ValueError("validate_volumes: no validation volumes")
+    mean, per_label = dice_from_counts(tp, pred_sum, true_sum)
+    return {"dice": mean, "dice_per_label": per_label.tolist(),
+            "loss": float(np.mean(losses)) if losses else None, "volumes": n}
+
+
+def eager_predict(model: keras.Model) -> Callable:
+    """``batch -> model(batch, training=False)``: a direct call, no compiled predict step."""
+    def predict(batch):
+        return model(batch, training=False)
+    return predict
+
+
+class InferenceValidation(keras.callbacks.Callback):
+    """Validates on whole volumes in inference mode at the end of epochs.
+
+    Writes ``<prefix>dice`` (mean over structures), ``<prefix>dice_<structure>`` and, with a
+    loss, ``<prefix>loss`` into the epoch logs, so ``ModelCheckpoint(monitor="val_dice")``,
+    ``CSVLogger`` and ``TensorBoard`` placed after it use them. Place it after
+    :class:`tf_explog.batchnorm.BatchNormRecalibration`.
+
+    Args:
+        volumes: a re-iterable of ``(image, labels)`` NumPy pairs (e.g. a list, or
+            :func:`tf_explog.data.core.volumes`), or a function returning one.
+        num_classes: labels, background included.
+        label_names: names used in the keys (default: label ids).
+        window, overlap, tta: see :func:`tf_explog.inference.predict_volume`.
+        loss: optional loss for ``<prefix>loss``.
+        every: validate every this many epochs.
+        prefix: key prefix (Keras' own validation uses ``"val_"``).
+        eager: call the model directly instead of ``predict_on_batch`` (needed under a
+            tf.distribute strategy with several replicas, whose ``predict_on_batch`` splits
+            the batch).
+    """
+
+    def __init__(self, volumes, num_classes: int, label_names: Optional[Sequence[str]] = None,
+                 *, window=None, overlap: float = 0.5, tta=False, loss=None, every: int = 1,
+                 prefix: str = "val_", eager: bool = False) -> None:
+        super().__init__()
+        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+            raise ValueError(f"InferenceValidation: every must be an integer >= 1, got {every!r}")
+        self.volumes = volumes
+        self.num_classes = int(num_classes)
+        names = list(label_names) if label_names is not None else [
+            str(i) for i in range(self.num_classes)]
+        if len(names) != self.num_classes:
+            raise ValueError(f"InferenceValidation: {len(names)} label names for "
+                             f"{self.num_classes} classes")
+        self.keys = [_log_key(name) for name in names]
+        self.window, self.overlap, self.tta, self.loss = window, overlap, tta, loss
+        self.every, self.prefix, self.eager = every, prefix, bool(eager)
+        self.history: list = []
+
+    def on_epoch_end(self, epoch, logs=None):
+        if (epoch + 1) % self.every:
+            return
+        start = time.perf_counter()
+        volumes = self.volumes() if callable(self.volumes) else self.volumes
+        result = validate_volumes(self.model, volumes, self.num_classes, window=self.window,
+                                  overlap=self.overlap, tta=self.tta, loss=self.loss,
+                                  predict=eager_predict(self.model) if self.eager else None)
+        self.history.append(result)
+        if logs is None:
+            return
+        p = self.prefix
+        logs[f"{p}dice"] = result["dice"]
+        for key, value in zip(self.keys[1:], result["dice_per_label"][1:]):
+            logs[f"{p}dice_{key}"] = value
+        if result["loss"] is not None:
+            logs[f"{p}loss"] = result["loss"]
+        logs["time_validation"] = time.perf_counter() - start
+
+
+class EpochTimer(keras.callbacks.Callback):
+    """Adds ``epoch_seconds`` to the logs (read by the loss-comparison report)."""
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._start = time.perf_counter()
+
+    def on_epoch_end(self, epoch, logs=None):
+        if logs is not None:
+            logs["epoch_seconds"] = time.perf_counter() - self._start

@@ -1,0 +1,111 @@
+"""The input-pipeline core shared by every front end (tf.data, PyDataset, callbacks).
+
+- :class:`SplitVolumes`: the preprocessed whole volumes of a split, read lazily from the
+  :class:`~tf_explog.data.cache.VolumeCache` as NumPy ``(image, labels)`` pairs (for
+  inference-mode validation and BatchNorm recalibration);
+- :func:`clean_batches`: batches of one volume (padded to a multiple of 16) or of its tiles
+  (patch-trained models), without augmentation, for
+  :func:`tf_explog.batchnorm.recalibrate_batchnorm`.
+
+NumPy only; no TensorFlow.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+from typing import Callable, Iterator, Optional, Sequence, Union
+
+import numpy as np
+
+from .cache import VolumeCache
+from .manifest import Manifest
+from .preprocess import Preprocessor
+
+__all__ = ["SplitVolumes", "split_volumes", "clean_batches", "pad_to_multiple", "DIVISOR"]
+
+PathLike = Union[str, os.PathLike]
+
+#: Spatial sizes the paper network accepts are multiples of this (4 poolings).
+DIVISOR = 16
+
+
+class SplitVolumes:
+    """Preprocessed ``(image float32 [D, H, W, C], labels int32 [D, H, W])`` of a split.
+
+    A sequence (``len``, indexing, iteration in manifest order) that reads each case from the
+    volume cache when asked for it, so holding one costs no memory.
+
+    Args:
+        pairs: ``[(image path, label path), ...]``.
+        cache: the :class:`VolumeCache` (it fixes the preprocessing).
+    """
+
+    def __init__(self, pairs: Sequence, cache: VolumeCache) -> None:
+        self.pairs = [tuple(p) for p in pairs]
+        self.cache = cache
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def __getitem__(self, index: int) -> tuple:
+        entry = self.cache.entry(*self.pairs[index])
+        image = np.array(entry.image, dtype=np.float32)  # a copy: never hand out the mmap
+        labels = None if entry.labels is None else np.array(entry.labels, dtype=np.int32)
+        return image, labels
+
+    def __iter__(self) -> Iterator[tuple]:
+        for i in range(len(self)):
+            yield self[i]
+
+
+def split_volumes(manifest: Manifest, split: str, preprocessor: Preprocessor,
+                  cache_dir: PathLike) -> Optional[SplitVolumes]:
+    """The :class:`SplitVolumes` of a split, or None when the split is empty."""
+    entries = manifest.entries(split)
+    if not entries:
+        return None
+    return SplitVolumes([e.pair for e in entries],
+                        VolumeCache(cache_dir, manifest.preprocessor_for(preprocessor)))
+
+
+def pad_to_multiple(image: np.ndarray, divisor: int = DIVISOR, value: float = 0.0) -> np.ndarray:
+    """Pads ``[D, H, W, C]`` at the end of each spatial axis to a multiple of ``divisor``
+    (what :func:`tf_explog.inference.predict_volume` does before a whole-volume pass)."""
+    shape = image.shape[:3]
+    padded = [-(-s // divisor) * divisor for s in shape]
+    if list(shape) == padded:
+        return image
+    widths = [(0, p - s) for p, s in zip(padded, shape)] + [(0, 0)]
+    return np.pad(image, widths, constant_values=value)
+
+
+def _tiles(image: np.ndarray, window: Sequence[int]) -> Iterator[np.ndarray]:
+    """Non-overlapping windows covering the volume (the last one flush with the end)."""
+    from tf_explog.inference import window_starts
+
+    image = pad_to_multiple(image)
+    shape = image.shape[:3]
+    win = [min(w, s) for w, s in zip(window, shape)]
+    starts = [window_starts(s, w, 0.0) for s, w in zip(shape, win)]
+    for corner in itertools.product(*starts):
+        yield image[tuple(slice(c, c + w) for c, w in zip(corner, win))]
+
+
+def clean_batches(volumes: Sequence, window: Optional[Sequence[int]] = None
+                  ) -> Callable[[], Iterator[np.ndarray]]:
+    """A function returning a fresh iterator of clean image batches ``[1, D, H, W, C]``.
+
+    Each volume is given whole (padded to a multiple of 16, as inference does) or, with
+    ``window``, as the non-overlapping windows that tile it (the positions inference slides
+    over). No augmentation, no labels: what BatchNorm recalibration needs.
+    """
+    def batches() -> Iterator[np.ndarray]:
+        for element in volumes:
+            image = element[0] if isinstance(element, tuple) else element
+            if window is None:
+                yield pad_to_multiple(image)[np.newaxis]
+            else:
+                for tile in _tiles(image, window):
+                    yield tile[np.newaxis]
+    return batches
