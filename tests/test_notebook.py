@@ -1,5 +1,6 @@
-"""examples/quickstart.ipynb runs top to bottom (at a tiny size)."""
+"""examples/quickstart.ipynb runs top to bottom (at a tiny size) and learns something."""
 
+import re
 from pathlib import Path
 
 import nbformat
@@ -8,13 +9,20 @@ from nbclient import NotebookClient
 NOTEBOOK = Path(__file__).resolve().parents[1] / "examples" / "quickstart.ipynb"
 
 
-def test_quickstart_notebook_executes(tmp_path, monkeypatch):
+def test_quickstart_notebook_executes_and_segments(tmp_path, monkeypatch):
     monkeypatch.setenv("TF_EXPLOG_NOTEBOOK_TINY", "1")
     monkeypatch.setenv("MPLBACKEND", "Agg")
     nb = nbformat.read(NOTEBOOK, as_version=4)
-    NotebookClient(nb, timeout=600, kernel_name="python3",
+    NotebookClient(nb, timeout=900, kernel_name="python3",
                    resources={"metadata": {"path": str(tmp_path)}}).execute()
     outputs = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code"
                       for o in c.get("outputs", []))
-    assert "parameters" in outputs and "TensorBoard logs:" in outputs
-    assert "prediction" in outputs
+    val = float(re.search(r"validation mean Dice: ([0-9.]+)", outputs).group(1))
+    test = float(re.search(r"test mean Dice: ([0-9.]+)", outputs).group(1))
+    # At 32^3, 12 epochs of a narrow network: measured 0.22 / 0.26; an untrained or
+    # inference-broken model scores below 0.05 (the BatchNorm defect gave ~0.01 here).
+    assert val > 0.12, outputs
+    assert test > 0.15, outputs
+    figures = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])
+               if "image/png" in o.get("data", {})]
+    assert len(figures) >= 4  # loss terms, curves, Dice by structure, overlays
