@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from tf_explog.data import nifti
+from tf_explog.labels import LabelError
 from tf_explog.data.nifti import (
     LabelMap,
     NiftiError,
@@ -190,7 +191,7 @@ def test_label_map_merge_and_inverse(tmp_path):
     fs = np.array([[[0, 2, 41], [3, 42, 17]]], dtype=np.int32)
     lm = {1: [2, 41], 2: [3, 42]}
     np.testing.assert_array_equal(apply_label_map(fs, lm), [[[0, 1, 1], [2, 2, 0]]])
-    with pytest.raises(NiftiError, match=r"aseg.nii.gz: label values not in the label map: 17"):
+    with pytest.raises(LabelError, match=r"aseg.nii.gz: label values not in the label map: 17"):
         apply_label_map(fs, lm, unknown="raise", source="aseg.nii.gz")
     # JSON form (string keys) is the same map.
     assert LabelMap({"1": [2, 41], "2": [3, 42]}) == LabelMap(lm)
@@ -198,17 +199,17 @@ def test_label_map_merge_and_inverse(tmp_path):
     np.testing.assert_array_equal(
         invert_label_map(np.array([0, 1, 2, 1]), lm), np.array([0, 2, 3, 2])
     )
-    with pytest.raises(ValueError, match=r"ids \[5\] are not in the label map"):
+    with pytest.raises(ValueError, match=r"classes \[5\] are not in the label map"):
         invert_label_map(np.array([5]), lm)
-    with pytest.raises(ValueError, match="listed under both id 1 and 2"):
+    with pytest.raises(ValueError, match="listed under both class 1 and 2"):
         LabelMap({1: [2], 2: [2]})
-    with pytest.raises(ValueError, match="not an integer id"):
+    with pytest.raises(ValueError, match="not an integer class index"):
         LabelMap({"wm": [2]})
-    with pytest.raises(ValueError, match="unknown must be one of"):
+    with pytest.raises(ValueError, match="unknown_labels must be one of"):
         apply_label_map(fs, lm, unknown="ignore")
     # Through load_volume, on a file in a non-canonical orientation.
     path = _save(tmp_path / "aseg.nii.gz", fs.astype(np.int16), AFFINES["LPS"])
     vol = load_volume(path, kind="label", label_map=lm)
     np.testing.assert_array_equal(to_original_orientation(vol.array, vol), [[[0, 1, 1], [2, 2, 0]]])
-    with pytest.raises(NiftiError, match="aseg.nii.gz: label values not in the label map: 17"):
+    with pytest.raises(LabelError, match="aseg.nii.gz: label values not in the label map: 17"):
         load_volume(path, kind="label", label_map=lm, unknown="raise")

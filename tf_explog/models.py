@@ -20,12 +20,7 @@ from tf_explog.layers import Block
 
 __all__ = ["build_model", "aux_loss_weights", "output_names", "SEGMENTATION", "aux_name"]
 
-SEGMENTATION = "segmentation"
-
-
-def aux_name(level: int) -> str:
-    """Name of the auxiliary output at ``1 / 2**level`` resolution (``"aux_1"``, ...)."""
-    return f"aux_{int(level)}"
+from tf_explog.labels import SEGMENTATION, aux_name  # noqa: E402  (output names live there)
 
 
 def _int_tuple(value: Any, what: str, length: int | None = None) -> tuple[int, ...]:
