@@ -459,3 +459,86 @@ def test_same_values_under_jax_backend_without_tensorflow(tmp_path):
         y_pred = logits if from_logits == "True" else probs
         tf_value = float(losses.get(name, from_logits=from_logits == "True")(labels, y_pred))
         np.testing.assert_allclose(value, tf_value, rtol=1e-5, err_msg=key)
+
+
+# ----------------------------------------------------------------------------------------
+# Soft targets for auxiliary heads (labels averaged over f^3 blocks)
+# ----------------------------------------------------------------------------------------
+
+
+def np_block_mean_one_hot(labels, classes, f):
+    """[B, D, H, W] ids -> [B, D/f, H/f, W/f, C] mean one-hot of each f^3 block, float64."""
+    b, d, h, w = labels.shape
+    t = np.eye(classes)[labels]
+    return t.reshape(b, d // f, f, h // f, f, w // f, f, classes).mean(axis=(2, 4, 6))
+
+
+def ref_explog_soft(t, probs, gd=0.3, gc=0.3, wd=0.8, wc=0.2, smooth=1.0, cw=None):
+    """The paper's formulas with soft targets t (float64): delta -> t in Dice, and the
+    cross term as the expectation over each voxel's target distribution."""
+    probs = probs.astype(np.float64)
+    batch, classes = probs.shape[0], probs.shape[-1]
+    p = probs.reshape(batch, -1, classes)
+    t = t.reshape(batch, -1, classes)
+    dice = (2 * (t * p).sum(1) + smooth) / (t.sum(1) + p.sum(1) + smooth)
+    w = np.ones(classes) if cw is None else np.asarray(cw, np.float64)
+    l_dice = ((-np.log(dice)) ** gd).mean(1)
+    l_cross = (t * w * (-np.log(p)) ** gc).sum(-1).mean(1)
+    return float(np.mean(wd * l_dice + wc * l_cross))
+
+
+@pytest.mark.parametrize("factor", [2, 4])
+def test_soft_target_loss_matches_numpy(factor):
+    rng = np.random.default_rng(7)
+    classes, size = 4, 16
+    labels = rng.integers(0, 3, size=(2, size, size, size)).astype(np.int32)
+    labels[0, 5, 6, 7] = 3  # a one-voxel structure
+    coarse = size // factor
+    probs = np_softmax(rng.normal(scale=2.0, size=(2, coarse, coarse, coarse, classes)))
+    probs = probs.astype(np.float32)
+    cw = [0.5, 1.0, 2.0, 8.0]
+    t = np_block_mean_one_hot(labels, classes, factor)
+    value = losses.ExpLogLoss(class_weights=cw, downsample_labels=factor)(labels, probs)
+    assert float(value) == pytest.approx(ref_explog_soft(t, probs, cw=cw), rel=1e-5)
+    # the same targets given directly (soft, one row per coarse voxel)
+    direct = losses.ExpLogLoss(class_weights=cw)(t.astype(np.float32), probs)
+    assert float(direct) == pytest.approx(float(value), rel=1e-6)
+    for name, ref in (("log_dice", ref_explog_soft(t, probs, gd=1.0, wd=1, wc=0)),
+                      ("weighted_cross_entropy", ref_explog_soft(t, probs, gc=1.0, wd=0,
+                                                                 wc=1))):
+        got = losses.get(name, downsample_labels=factor)(labels, probs)
+        assert float(got) == pytest.approx(ref, rel=1e-5)
+
+
+def test_downsampled_targets_keep_every_structure_volume():
+    labels = np.zeros((1, 16, 16, 16), np.int32)
+    labels[0, 3, 5, 9] = 2  # one voxel: every-8th-voxel subsampling would lose it
+    labels[0, 8:12, 8:12, 8:12] = 1
+    for factor in (2, 4, 8):
+        t = keras.ops.convert_to_numpy(losses.downsample_targets(labels, 3, factor))
+        assert t.shape == (1, 16 // factor, 16 // factor, 16 // factor, 3)
+        np.testing.assert_allclose(t.sum(-1), 1.0, rtol=1e-6)
+        counts = t.reshape(-1, 3).sum(0) * factor**3
+        np.testing.assert_allclose(counts, [16**3 - 65, 64, 1], rtol=1e-6)
+    for f in (2, 4, 8):  # what the strided pyramid did: the one-voxel structure vanished
+        assert 2 not in labels[0, ::f, ::f, ::f]
+
+
+def test_dense_one_hot_equals_sparse_labels_with_weights():
+    labels, probs, _ = random_case(3, 5, (6, 6, 6), 2)
+    one_hot = np.eye(5, dtype=np.float32)[labels]
+    loss = losses.ExpLogLoss(class_weights=[1, 2, 3, 4, 5])
+    assert float(loss(one_hot, probs)) == pytest.approx(float(loss(labels, probs)), rel=1e-6)
+
+
+def test_deep_supervision_losses_downsample_per_level():
+    base = losses.ExpLogLoss(gamma_dice=1.0, class_weights=[1.0, 2.0])
+    out = losses.deep_supervision_losses(base, 3)
+    assert list(out) == ["segmentation", "aux_1", "aux_2", "aux_3"]
+    assert out["segmentation"] is base
+    for k in (1, 2, 3):
+        config = out[f"aux_{k}"].get_config()
+        assert config["downsample_labels"] == 2**k
+        assert config["gamma_dice"] == 1.0 and config["class_weights"] == [1.0, 2.0]
+    with pytest.raises(ValueError, match="downsample_labels"):
+        losses.ExpLogLoss(downsample_labels=0)

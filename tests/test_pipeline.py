@@ -90,16 +90,16 @@ def test_volume_mode_shapes_dtypes_and_content(dataset, tmp_path):
     assert image.shape == (1, 20, 18, 16, 1)
 
 
-def test_label_pyramid(dataset, tmp_path):
-    ds = make_dataset(dataset, batch_size=1, cache_dir=tmp_path / "cache", pyramid_levels=3,
+def test_labels_for_auxiliary_outputs(dataset, tmp_path):
+    # Every output gets the full-resolution labels; the auxiliary losses average them down.
+    ds = make_dataset(dataset, batch_size=1, cache_dir=tmp_path / "cache", aux_outputs=3,
                       preprocessor=Preprocessor(target_shape=16))
     image, y = next(iter(ds))
     assert sorted(y) == ["aux_1", "aux_2", "aux_3", "segmentation"]
     seg = y["segmentation"].numpy()
-    for k, f in ((1, 2), (2, 4), (3, 8)):
-        assert y[f"aux_{k}"].shape == (1, 16 // f, 16 // f, 16 // f)
-        np.testing.assert_array_equal(y[f"aux_{k}"].numpy(), seg[:, ::f, ::f, ::f])
-
+    assert seg.shape == (1, 16, 16, 16)
+    for k in (1, 2, 3):
+        np.testing.assert_array_equal(y[f"aux_{k}"].numpy(), seg)
 
 def test_patch_mode_shapes_padding_and_determinism(dataset, tmp_path):
     kwargs = dict(mode="patch", patch_size=(8, 12, 8), batch_size=3, cache_dir=tmp_path / "c",
@@ -183,7 +183,7 @@ def test_bad_arguments_and_missing_files(dataset, tmp_path):
     for kwargs, name in [({"mode": "slices"}, "mode"), ({"batch_size": 0}, "batch_size"),
                          ({"oversample": 1.5}, "oversample"),
                          ({"patch_size": (8, 8)}, "patch_size"),
-                         ({"pyramid_levels": -1}, "pyramid_levels"), ({"split": "dev"}, "split")]:
+                         ({"aux_outputs": -1}, "aux_outputs"), ({"split": "dev"}, "split")]:
         with pytest.raises(ValueError, match=name):
             make_dataset(dataset, cache_dir=tmp_path / "cache", **kwargs)
     os.remove(dataset.parent / "labelsTr" / "c3.nii.gz")

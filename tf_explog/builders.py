@@ -16,7 +16,7 @@ import keras
 from tf_explog import losses as losses_lib
 from tf_explog.config import Config, ConfigError
 from tf_explog.metrics import PerLabelDice
-from tf_explog.models import aux_loss_weights, aux_name, build_model
+from tf_explog.models import aux_loss_weights, build_model
 
 
 def make_optimizer(config: Config) -> keras.optimizers.Optimizer:
@@ -122,10 +122,9 @@ def compile_model(model, config: Config, class_weights, label_names, jit_compile
     metrics = [dice, *term_metrics(loss)]
     n_aux = config.model.aux_outputs
     if n_aux:
-        names = ["segmentation"] + [aux_name(i) for i in range(1, n_aux + 1)]
         model.compile(
             optimizer=make_optimizer(config),
-            loss={name: make_loss(config, class_weights) for name in names},
+            loss=losses_lib.deep_supervision_losses(loss, n_aux),
             loss_weights=aux_loss_weights(n_aux),
             metrics={"segmentation": metrics},
             jit_compile=jit_compile)

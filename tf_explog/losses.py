@@ -40,6 +40,8 @@ __all__ = [
     "LogDiceLoss",
     "WeightedCrossEntropy",
     "GeneralizedDiceLoss",
+    "downsample_targets",
+    "deep_supervision_losses",
 ]
 
 # Probabilities (not logits) are clipped below before the log so that -ln p stays finite
@@ -70,6 +72,12 @@ def _check_positive(name: str, value: float) -> float:
             f"both prediction and labels; got {value!r}."
         )
     return value
+
+
+def _check_factor(value) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ValueError(f"`downsample_labels` must be an integer >= 1; got {value!r}.")
+    return int(value)
 
 
 def _check_class_weights(class_weights) -> list[float] | None:
@@ -134,13 +142,18 @@ def class_weights_from_frequencies(frequencies: Sequence[float]) -> list[float]:
 # --------------------------------------------------------------------------------------
 
 
-def _prepare(y_true, y_pred, from_logits: bool):
-    """Returns (one-hot labels, probabilities, -ln p) in float32, shapes checked.
+def _prepare(y_true, y_pred, from_logits: bool, downsample_labels: int = 1):
+    """Returns (targets, probabilities, -ln p, classes, dense) in float32, shapes checked.
 
-    Labels may be sparse ``[B, *spatial]`` / ``[B, *spatial, 1]`` integers or one-hot
-    ``[B, *spatial, C]``; ``y_pred`` is ``[B, *spatial, C]``.
+    Labels may be sparse ``[B, *spatial]`` / ``[B, *spatial, 1]`` integers or one-hot (or
+    soft) ``[B, *spatial, C]``; ``y_pred`` is ``[B, *spatial, C]``. With
+    ``downsample_labels = f > 1`` the labels are at ``f`` times ``y_pred``'s resolution and
+    become soft targets (see :func:`downsample_targets`). ``dense`` says the targets did not
+    come as sparse ids (they may be soft).
     """
     y_pred = ops.cast(y_pred, "float32")
+    if downsample_labels != 1:
+        y_true = downsample_targets(y_true, y_pred.shape[-1], downsample_labels)
     pred_shape = tuple(y_pred.shape)
     true_shape = tuple(y_true.shape)
     if len(pred_shape) < 3:
@@ -187,7 +200,37 @@ def _prepare(y_true, y_pred, from_logits: bool):
         log_p = ops.log(ops.clip(y_pred, _PROB_EPSILON, 1.0))
         # clip may turn NaN into a bound on some backends; keep it NaN.
         log_p = ops.where(ops.isnan(y_pred), y_pred, log_p)
-    return one_hot, probs, -log_p, num_classes
+    return one_hot, probs, -log_p, num_classes, not sparse
+
+
+def downsample_targets(y_true, num_classes: int, factor: int):
+    """Soft targets at ``1 / factor`` resolution: the mean one-hot label of each
+    ``factor³`` block (average pooling), as the auxiliary heads at 1/2, 1/4, 1/8 need.
+
+    Unlike taking every ``factor``-th voxel, this keeps every structure's volume exactly
+    (the soft targets of a class sum to its voxel count / factor³), so structures a few
+    voxels wide neither vanish nor alias at coarse levels. Spatial sizes must be multiples
+    of ``factor``.
+
+    Args:
+        y_true: sparse ids ``[B, *spatial]`` (or ``[..., 1]``) or one-hot ``[B, *spatial, C]``.
+        num_classes: C.
+        factor: the downsampling factor (a power of 2 for the paper network's heads).
+
+    Returns:
+        float32 ``[B, *spatial / factor, C]``.
+    """
+    y_true = ops.convert_to_tensor(y_true)
+    rank = len(y_true.shape)
+    if y_true.shape[-1] == num_classes and rank >= 3:
+        dense = ops.cast(y_true, "float32")
+    else:
+        if y_true.shape[-1] == 1:
+            y_true = ops.squeeze(y_true, axis=-1)
+        dense = ops.one_hot(ops.cast(y_true, "int32"), num_classes, dtype="float32")
+    spatial = len(dense.shape) - 2
+    return ops.average_pool(dense, pool_size=(factor,) * spatial, strides=(factor,) * spatial,
+                            padding="valid", data_format="channels_last")
 
 
 def _safe_pow(x, gamma: float):
@@ -219,7 +262,7 @@ def soft_dice_per_label(y_true, y_pred, smooth: float = 1.0, from_logits: bool =
     ``Dice_i = (2 sum_x delta_il p_i + smooth) / (sum_x (delta_il + p_i) + smooth)``
     (linear denominator, as in the paper; not V-Net's squares).
     """
-    one_hot, probs, _, _ = _prepare(y_true, y_pred, from_logits)
+    one_hot, probs, _, _, _ = _prepare(y_true, y_pred, from_logits)
     return _dice(one_hot, probs, smooth)
 
 
@@ -267,17 +310,27 @@ def _log_dice_term(one_hot, probs, gamma, smooth, include_background):
                        include_background)
 
 
-def _cross_term(one_hot, neg_log_p, num_classes, gamma, class_weights):
-    neg_log_p_true = ops.sum(one_hot * neg_log_p, axis=-1)
-    per_voxel = _safe_pow(neg_log_p_true, gamma)
-    if class_weights is not None:
-        if len(class_weights) != num_classes:
-            raise ValueError(
-                f"`class_weights` has {len(class_weights)} entries but y_pred has "
-                f"{num_classes} classes; give one weight per label."
-            )
-        weights = ops.convert_to_tensor(np.asarray(class_weights, "float32"))
-        per_voxel = per_voxel * ops.sum(one_hot * weights, axis=-1)
+def _cross_term(targets, neg_log_p, num_classes, gamma, class_weights, dense=False):
+    """``mean_x Σ_c t_c(x) w_c (−ln p_c(x))^γ``: for one-hot targets the paper's
+    ``mean_x w_l (−ln p_l)^γ``; for soft targets its expectation over the target
+    distribution of each voxel (γ applied per class, before the mixture)."""
+    if class_weights is not None and len(class_weights) != num_classes:
+        raise ValueError(
+            f"`class_weights` has {len(class_weights)} entries but y_pred has "
+            f"{num_classes} classes; give one weight per label."
+        )
+    weights = (None if class_weights is None
+               else ops.convert_to_tensor(np.asarray(class_weights, "float32")))
+    if dense:
+        per_class = _safe_pow(neg_log_p, gamma)
+        if weights is not None:
+            per_class = per_class * weights
+        per_voxel = ops.sum(targets * per_class, axis=-1)
+    else:
+        # Sparse ids: one class per voxel, so the power is taken once per voxel.
+        per_voxel = _safe_pow(ops.sum(targets * neg_log_p, axis=-1), gamma)
+        if weights is not None:
+            per_voxel = per_voxel * ops.sum(targets * weights, axis=-1)
     return ops.mean(per_voxel, axis=tuple(range(1, len(per_voxel.shape))))
 
 
@@ -298,15 +351,21 @@ def exp_log_loss(
     class_weights: Sequence[float] | None = None,
     from_logits: bool = False,
     include_background: bool = True,
+    downsample_labels: int = 1,
 ):
     """Exponential logarithmic loss per sample (Wong et al. 2018, Eqs. 1-4).
 
     ``L = w_dice * mean_i (-ln Dice_i)^gamma_dice + w_cross * mean_x w_l (-ln p_l)^gamma_cross``
 
+    With soft targets ``t`` (one-hot rows averaged, see ``downsample_labels``) the same
+    formulas hold with ``δ_il`` replaced by ``t_i`` in Dice and the cross term taken as
+    ``mean_x Σ_c t_c w_c (-ln p_c)^gamma_cross``.
+
     Returns:
         float32 tensor ``[batch]``. A perfect one-hot prediction gives exactly 0.0.
     """
-    one_hot, probs, neg_log_p, num_classes = _prepare(y_true, y_pred, from_logits)
+    one_hot, probs, neg_log_p, num_classes, dense = _prepare(y_true, y_pred, from_logits,
+                                                             downsample_labels)
     loss = 0.0
     if w_dice:
         loss = loss + w_dice * _log_dice_term(
@@ -314,7 +373,7 @@ def exp_log_loss(
         )
     if w_cross:
         loss = loss + w_cross * _cross_term(
-            one_hot, neg_log_p, num_classes, gamma_cross, class_weights
+            one_hot, neg_log_p, num_classes, gamma_cross, class_weights, dense
         )
     if isinstance(loss, float):  # both weights zero
         loss = ops.zeros((ops.shape(probs)[0],), dtype="float32")
@@ -323,32 +382,34 @@ def exp_log_loss(
 
 @keras.saving.register_keras_serializable(package="tf_explog")
 def log_dice_loss(y_true, y_pred, gamma=1.0, smooth=1.0, from_logits=False,
-                  include_background=True):
+                  include_background=True, downsample_labels=1):
     """``L_dice = mean_i (-ln Dice_i)^gamma`` per sample (the paper's L_dice)."""
     return exp_log_loss(y_true, y_pred, gamma_dice=gamma, w_dice=1.0, w_cross=0.0,
                         smooth=smooth, from_logits=from_logits,
-                        include_background=include_background)
+                        include_background=include_background,
+                        downsample_labels=downsample_labels)
 
 
 @keras.saving.register_keras_serializable(package="tf_explog")
 def weighted_cross_entropy(y_true, y_pred, gamma=1.0, class_weights=None,
-                           from_logits=False):
+                           from_logits=False, downsample_labels=1):
     """``L_cross = mean_x w_l (-ln p_l)^gamma`` per sample (the paper's L_cross)."""
     return exp_log_loss(y_true, y_pred, gamma_cross=gamma, w_dice=0.0, w_cross=1.0,
-                        class_weights=class_weights, from_logits=from_logits)
+                        class_weights=class_weights, from_logits=from_logits,
+                        downsample_labels=downsample_labels)
 
 
 @keras.saving.register_keras_serializable(package="tf_explog")
 def linear_dice_loss(y_true, y_pred, smooth=1.0, from_logits=False,
-                     include_background=True):
+                     include_background=True, downsample_labels=1):
     """Linear Dice loss ``mean_i (1 - Dice_i)`` per sample, the paper's weakest baseline."""
-    one_hot, probs, _, _ = _prepare(y_true, y_pred, from_logits)
+    one_hot, probs, _, _, _ = _prepare(y_true, y_pred, from_logits, downsample_labels)
     return _label_mean(_one_minus_dice(one_hot, probs, smooth), include_background)
 
 
 @keras.saving.register_keras_serializable(package="tf_explog")
 def generalized_dice_loss(y_true, y_pred, weight_type="square", smooth=1e-5,
-                          from_logits=False, include_background=True):
+                          from_logits=False, include_background=True, downsample_labels=1):
     """Generalized Dice loss (Sudre et al., DLMIA 2017) per sample.
 
     ``GDL = 1 - 2 sum_i w_i sum_x r_i p_i / sum_i w_i sum_x (r_i + p_i)``, with
@@ -356,7 +417,7 @@ def generalized_dice_loss(y_true, y_pred, weight_type="square", smooth=1e-5,
     A label absent from the sample would get an infinite weight; it gets the largest
     finite weight of that sample instead. ``smooth`` is added to numerator and denominator.
     """
-    one_hot, probs, _, _ = _prepare(y_true, y_pred, from_logits)
+    one_hot, probs, _, _, _ = _prepare(y_true, y_pred, from_logits, downsample_labels)
     if not include_background:
         one_hot, probs = one_hot[..., 1:], probs[..., 1:]
     axes = _spatial_axes(len(probs.shape))
@@ -420,6 +481,9 @@ class ExpLogLoss(_SegmentationLoss):
             see `class_weights_from_frequencies`.
         from_logits: whether ``y_pred`` are logits (then -ln p comes from log-softmax).
         include_background: average L_dice over label 0 too (paper: True).
+        downsample_labels: the labels are at this many times the prediction's resolution
+            (an auxiliary head at 1/2, 1/4, 1/8: 2, 4, 8) and are averaged over blocks into
+            soft targets that keep every structure's volume (`downsample_targets`).
         reduction, name, dtype: as for `keras.losses.Loss`; computation is float32.
     """
 
@@ -427,8 +491,8 @@ class ExpLogLoss(_SegmentationLoss):
 
     def __init__(self, gamma_dice=0.3, gamma_cross=0.3, w_dice=0.8, w_cross=0.2,
                  smooth=1.0, class_weights=None, from_logits=False,
-                 include_background=True, reduction="sum_over_batch_size",
-                 name="exp_log_loss", dtype=None):
+                 include_background=True, downsample_labels=1,
+                 reduction="sum_over_batch_size", name="exp_log_loss", dtype=None):
         super().__init__(
             name, reduction, dtype,
             gamma_dice=_check_non_negative("gamma_dice", gamma_dice),
@@ -439,6 +503,7 @@ class ExpLogLoss(_SegmentationLoss):
             class_weights=_check_class_weights(class_weights),
             from_logits=bool(from_logits),
             include_background=bool(include_background),
+            downsample_labels=_check_factor(downsample_labels),
         )
 
 
@@ -449,13 +514,15 @@ class LogDiceLoss(_SegmentationLoss):
     fn = staticmethod(log_dice_loss)
 
     def __init__(self, gamma=1.0, smooth=1.0, from_logits=False, include_background=True,
-                 reduction="sum_over_batch_size", name="log_dice_loss", dtype=None):
+                 downsample_labels=1, reduction="sum_over_batch_size", name="log_dice_loss",
+                 dtype=None):
         super().__init__(
             name, reduction, dtype,
             gamma=_check_non_negative("gamma", gamma),
             smooth=_check_positive("smooth", smooth),
             from_logits=bool(from_logits),
             include_background=bool(include_background),
+            downsample_labels=_check_factor(downsample_labels),
         )
 
 
@@ -465,7 +532,7 @@ class WeightedCrossEntropy(_SegmentationLoss):
 
     fn = staticmethod(weighted_cross_entropy)
 
-    def __init__(self, gamma=1.0, class_weights=None, from_logits=False,
+    def __init__(self, gamma=1.0, class_weights=None, from_logits=False, downsample_labels=1,
                  reduction="sum_over_batch_size", name="weighted_cross_entropy",
                  dtype=None):
         super().__init__(
@@ -473,6 +540,7 @@ class WeightedCrossEntropy(_SegmentationLoss):
             gamma=_check_non_negative("gamma", gamma),
             class_weights=_check_class_weights(class_weights),
             from_logits=bool(from_logits),
+            downsample_labels=_check_factor(downsample_labels),
         )
 
 
@@ -483,12 +551,14 @@ class LinearDiceLoss(_SegmentationLoss):
     fn = staticmethod(linear_dice_loss)
 
     def __init__(self, smooth=1.0, from_logits=False, include_background=True,
-                 reduction="sum_over_batch_size", name="linear_dice_loss", dtype=None):
+                 downsample_labels=1, reduction="sum_over_batch_size",
+                 name="linear_dice_loss", dtype=None):
         super().__init__(
             name, reduction, dtype,
             smooth=_check_positive("smooth", smooth),
             from_logits=bool(from_logits),
             include_background=bool(include_background),
+            downsample_labels=_check_factor(downsample_labels),
         )
 
 
@@ -506,8 +576,8 @@ class GeneralizedDiceLoss(_SegmentationLoss):
     fn = staticmethod(generalized_dice_loss)
 
     def __init__(self, weight_type="square", smooth=1e-5, from_logits=False,
-                 include_background=True, reduction="sum_over_batch_size",
-                 name="generalized_dice_loss", dtype=None):
+                 include_background=True, downsample_labels=1,
+                 reduction="sum_over_batch_size", name="generalized_dice_loss", dtype=None):
         if weight_type not in _GDL_WEIGHT_TYPES:
             raise ValueError(
                 f"`weight_type` must be one of {_GDL_WEIGHT_TYPES}; got {weight_type!r}."
@@ -518,6 +588,7 @@ class GeneralizedDiceLoss(_SegmentationLoss):
             smooth=_check_positive("smooth", smooth),
             from_logits=bool(from_logits),
             include_background=bool(include_background),
+            downsample_labels=_check_factor(downsample_labels),
         )
 
 
@@ -529,6 +600,24 @@ LOSSES = {
     "linear_dice": LinearDiceLoss,
     "generalized_dice": GeneralizedDiceLoss,
 }
+
+
+def deep_supervision_losses(loss: keras.losses.Loss, aux_outputs: int) -> dict:
+    """``{output name: loss}`` for a model with ``aux_outputs`` auxiliary heads.
+
+    The full-resolution ``"segmentation"`` output gets ``loss``; ``"aux_k"`` (at 1/2**k
+    resolution) gets a copy with ``downsample_labels=2**k``, so every output is trained on
+    the same full-resolution labels, averaged down to soft targets that keep the volume of
+    every structure (a structure a few voxels wide neither vanishes nor aliases at 1/8).
+    """
+    from tf_explog.labels import SEGMENTATION, aux_name
+
+    config = loss.get_config()
+    out = {SEGMENTATION: loss}
+    for k in range(1, int(aux_outputs) + 1):
+        out[aux_name(k)] = type(loss).from_config(
+            {**config, "downsample_labels": 2**k, "name": f"{config['name']}_{aux_name(k)}"})
+    return out
 
 
 def get(name: str, **kwargs) -> keras.losses.Loss:

@@ -164,7 +164,7 @@ def make_train_dataset(config: Config, manifest, preprocessor, cache_dir, global
     return make_dataset(
         manifest, "training", mode=d.mode, patch_size=tuple(d.patch_size),
         batch_size=global_batch_size, cache_dir=cache_dir, preprocessor=preprocessor,
-        pyramid_levels=config.model.aux_outputs, shuffle=True, seed=config.seed,
+        aux_outputs=config.model.aux_outputs, shuffle=True, seed=config.seed,
         oversample=d.oversample, augment=make_augmentation(config, config.seed),
         repeat=config.train.steps_per_epoch is not None)
 

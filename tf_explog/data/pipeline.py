@@ -31,25 +31,14 @@ from .cache import VolumeCache, default_cache_dir
 from .manifest import Manifest
 from .nifti import canonical_geometry
 from .preprocess import Preprocessor
+from tf_explog.labels import labels_by_output
 from .pydataset import (_is_int, _positive_triple, build_augmentation,  # shared, TF-free
                         split_pairs)
 
-__all__ = ["make_dataset", "build_augmentation", "label_pyramid"]
+__all__ = ["make_dataset", "build_augmentation"]
 
 _MODES = ("volume", "patch")
 _MASK64 = (1 << 63) - 1
-
-
-def label_pyramid(labels: tf.Tensor, levels: int) -> dict:
-    """``{"segmentation": y, "aux_1": y[:, ::2, ::2, ::2], ..., "aux_k": y[:, ::2**k, ...]}``.
-
-    Strided nearest downsampling, as the auxiliary deep-supervision heads expect.
-    """
-    out = {"segmentation": labels}
-    for k in range(1, levels + 1):
-        f = 2**k
-        out[f"aux_{k}"] = labels[:, ::f, ::f, ::f]
-    return out
 
 
 def _static_shape(preprocessor: Preprocessor, pairs: list, need_fixed: bool) -> Optional[tuple]:
@@ -88,7 +77,7 @@ def make_dataset(
     cache_dir: Optional[Union[str, os.PathLike]] = None,
     preprocessor: Optional[Preprocessor] = None,
     repeat: bool = False,
-    pyramid_levels: int = 0,
+    aux_outputs: int = 0,
     *,
     patches_per_volume: int = 1,
     num_parallel_reads: Optional[int] = None,
@@ -114,8 +103,9 @@ def make_dataset(
         preprocessor: default ``Preprocessor()`` (z-score only); the manifest's label map is
             applied when the preprocessor has none.
         repeat: repeat forever (for ``fit(steps_per_epoch=...)``).
-        pyramid_levels: k > 0 makes labels a dict ``{"segmentation": y, "aux_1": y[:, ::2,
-            ::2, ::2], ..., "aux_k": ...}`` for models with auxiliary heads.
+        aux_outputs: k > 0 makes labels a dict ``{"segmentation": y, "aux_1": y, ...,
+            "aux_k": y}`` (the same full-resolution labels) for a model with k auxiliary
+            heads; their losses average the labels down (``deep_supervision_losses``).
         patches_per_volume: patch mode: patches cut from each case read (interleaved across
             ``num_parallel_reads`` cases).
         num_parallel_reads: cases read/decoded concurrently (default ``min(4, cpu count)``).
@@ -125,7 +115,7 @@ def make_dataset(
 
     Returns:
         ``tf.data.Dataset`` of ``(image float32 [B, D, H, W, C], labels int32 [B, D, H, W])``
-        (labels a dict with ``pyramid_levels``); of images only when the split has no labels.
+        (labels a dict with ``aux_outputs``); of images only when the split has no labels.
 
     Raises:
         ValueError: invalid arguments or an empty split.
@@ -139,8 +129,8 @@ def make_dataset(
         raise ValueError(f"batch_size: expected a positive int, got {batch_size!r}")
     if not 0.0 <= float(oversample) <= 1.0:
         raise ValueError(f"oversample: expected a fraction in [0, 1], got {oversample!r}")
-    if not _is_int(pyramid_levels) or pyramid_levels < 0:
-        raise ValueError(f"pyramid_levels: expected an int >= 0, got {pyramid_levels!r}")
+    if not _is_int(aux_outputs) or aux_outputs < 0:
+        raise ValueError(f"aux_outputs: expected an int >= 0, got {aux_outputs!r}")
     if int(patches_per_volume) < 1:
         raise ValueError(f"patches_per_volume: expected >= 1, got {patches_per_volume!r}")
     if int(prefetch) < 0:
@@ -154,7 +144,7 @@ def make_dataset(
     if parallel < 1:
         raise ValueError(f"num_parallel_reads: expected >= 1, got {num_parallel_reads!r}")
 
-    pairs, with_labels = split_pairs(manifest, split, pyramid_levels)
+    pairs, with_labels = split_pairs(manifest, split, aux_outputs)
 
     preprocessor = manifest.preprocessor_for(preprocessor)
     cache = VolumeCache(cache_dir if cache_dir is not None else default_cache_dir(), preprocessor)
@@ -239,9 +229,9 @@ def make_dataset(
         # Sequential: a stateful seed generator must advance in a fixed order.
         ds = ds.map(_augment, num_parallel_calls=None)
 
-    if pyramid_levels:
-        levels = int(pyramid_levels)
-        ds = ds.map(lambda image, labels: (image, label_pyramid(labels, levels)))
+    if aux_outputs:
+        n_aux = int(aux_outputs)
+        ds = ds.map(lambda image, labels: (image, labels_by_output(labels, n_aux)))
     if prefetch:
         ds = ds.prefetch(int(prefetch))
     return ds

@@ -11,8 +11,8 @@ batches from the same :class:`~tf_explog.data.cache.VolumeCache` (decode once, m
   ``oversample`` of them centred on a voxel of a foreground label chosen uniformly among the
   labels present in the case, the rest placed uniformly (cases smaller than the patch are
   zero-padded) -- :meth:`CacheEntry.sample_patch`, shared with the tf.data pipeline;
-- labels a dict ``{"segmentation": y, "aux_1": y[:, ::2, ::2, ::2], ...}`` with
-  ``pyramid_levels`` (models with auxiliary heads).
+- labels a dict ``{"segmentation": y, "aux_1": y, ...}`` (the same full-resolution labels)
+  with ``aux_outputs`` (models with auxiliary heads, whose losses average them down).
 
 Randomness is a pure function of ``(seed, pass, index)``: pass ``p`` orders the cases by
 ``default_rng([seed, p, 0]).permutation``, the patch ``j`` of case ``c`` comes from
@@ -56,12 +56,12 @@ from .cache import VolumeCache, default_cache_dir
 from .manifest import Manifest, ManifestError
 from .nifti import canonical_geometry
 from .preprocess import Preprocessor
+from tf_explog.labels import labels_by_output
 
 __all__ = [
     "VolumeSequence",
     "BatchAugmenter",
     "build_augmentation",
-    "label_pyramid",
     "make_sequence_from_config",
     "make_sequences_from_config",
 ]
@@ -93,7 +93,7 @@ def _positive_triple(value, name: str) -> tuple:
     return out
 
 
-def split_pairs(manifest: Manifest, split: str, pyramid_levels: int = 0) -> tuple:
+def split_pairs(manifest: Manifest, split: str, aux_outputs: int = 0) -> tuple:
     """``([(image, label or None), ...], all_labelled)`` of a split, every file checked.
 
     Fails here, with every missing file named, rather than deep inside a loader worker.
@@ -112,29 +112,9 @@ def split_pairs(manifest: Manifest, split: str, pyramid_levels: int = 0) -> tupl
     if any(labelled) and not all(labelled):
         names = [os.path.basename(p[0]) for p in pairs if p[1] is None]
         raise ValueError(f"split {split!r}: some cases have no label file: {names[:10]}")
-    if pyramid_levels and not all(labelled):
-        raise ValueError(f"pyramid_levels: split {split!r} of {manifest.path} has no labels")
+    if aux_outputs and not all(labelled):
+        raise ValueError(f"aux_outputs: split {split!r} of {manifest.path} has no labels")
     return pairs, all(labelled)
-
-
-def label_pyramid(labels: np.ndarray, levels: int) -> dict:
-    """``{"segmentation": y, "aux_1": y[:, ::2, ::2, ::2], ..., "aux_k": y[:, ::2**k, ...]}``.
-
-    Strided nearest downsampling of a ``[B, D, H, W]`` batch, as the auxiliary
-    deep-supervision heads of :func:`tf_explog.models.build_model` expect.
-
-    Args:
-        labels: ``[B, D, H, W]`` integer labels.
-        levels: number of auxiliary levels k (0 gives the full-resolution entry alone).
-
-    Returns:
-        dict of contiguous arrays, full resolution under ``"segmentation"``.
-    """
-    out = {"segmentation": labels}
-    for k in range(1, int(levels) + 1):
-        f = 2**k
-        out[f"aux_{k}"] = np.ascontiguousarray(labels[:, ::f, ::f, ::f])
-    return out
 
 
 def build_augmentation(augment: Any, seed: int = 0) -> Optional[Callable]:
@@ -275,7 +255,7 @@ class VolumeSequence(keras.utils.PyDataset):
     """Batches of a data-set split from the volume cache, for ``model.fit`` on any backend.
 
     Yields ``(image float32 [B, D, H, W, C], labels int32 [B, D, H, W])`` numpy batches
-    (labels a dict with ``pyramid_levels``; images alone for a split without labels). See
+    (labels a dict with ``aux_outputs``; images alone for a split without labels). See
     the module docstring for the modes, the seeding and the cost of augmentation.
 
     Keras's ``fit(shuffle=True)`` (its default) also permutes the batch indices of a
@@ -299,8 +279,8 @@ class VolumeSequence(keras.utils.PyDataset):
             added when the preprocessor has none.
         augment: None, True, a dict of ``RandomAffine3D`` arguments, or a callable applied
             to each batch as ``image, labels = augment((image, labels), training=True)``.
-        pyramid_levels: k > 0 makes labels a dict ``{"segmentation": y, "aux_1": ...,
-            "aux_k": y[:, ::2**k, ::2**k, ::2**k]}``.
+        aux_outputs: k > 0 makes labels a dict ``{"segmentation": y, "aux_1": y, ...,
+            "aux_k": y}`` for a model with k auxiliary heads.
         workers: worker threads (or processes) preparing batches ahead (Keras's enqueuer).
         use_multiprocessing: processes instead of threads; not with ``augment`` (Keras ops
             are not fork-safe). Threads suffice: memory-mapped reads and XLA release the GIL.
@@ -330,7 +310,7 @@ class VolumeSequence(keras.utils.PyDataset):
         cache_dir: Optional[PathLike] = None,
         preprocessor: Optional[Preprocessor] = None,
         augment: Any = None,
-        pyramid_levels: int = 0,
+        aux_outputs: int = 0,
         workers: int = 1,
         use_multiprocessing: bool = False,
         max_queue_size: int = 10,
@@ -360,8 +340,8 @@ class VolumeSequence(keras.utils.PyDataset):
             raise ValueError(f"oversample: expected a fraction in [0, 1], got {oversample!r}")
         if not 0.0 <= oversample <= 1.0:
             raise ValueError(f"oversample: expected a fraction in [0, 1], got {oversample!r}")
-        if not _is_int(pyramid_levels) or pyramid_levels < 0:
-            raise ValueError(f"pyramid_levels: expected an int >= 0, got {pyramid_levels!r}")
+        if not _is_int(aux_outputs) or aux_outputs < 0:
+            raise ValueError(f"aux_outputs: expected an int >= 0, got {aux_outputs!r}")
         if not _is_int(patches_per_volume) or patches_per_volume < 1:
             raise ValueError(
                 f"patches_per_volume: expected a positive int, got {patches_per_volume!r}"
@@ -378,7 +358,7 @@ class VolumeSequence(keras.utils.PyDataset):
             )
         patch = _positive_triple(patch_size, "patch_size")
 
-        pairs, self.with_labels = split_pairs(manifest, split, pyramid_levels)
+        pairs, self.with_labels = split_pairs(manifest, split, aux_outputs)
 
         self.manifest = manifest
         self.split = split
@@ -388,7 +368,7 @@ class VolumeSequence(keras.utils.PyDataset):
         self.shuffle = bool(shuffle)
         self.seed = int(seed)
         self.oversample = oversample
-        self.pyramid_levels = int(pyramid_levels)
+        self.aux_outputs = int(aux_outputs)
         self.patches_per_volume = int(patches_per_volume) if mode == "patch" else 1
         self.repeat = bool(repeat)
         self.drop_remainder = bool(drop_remainder)
@@ -481,7 +461,7 @@ class VolumeSequence(keras.utils.PyDataset):
         """Batch ``index`` of pass ``epoch`` (pure function of the arguments and the seed).
 
         Returns:
-            ``(image, labels)`` (labels a dict with ``pyramid_levels``), or ``image``.
+            ``(image, labels)`` (labels a dict with ``aux_outputs``), or ``image``.
         """
         order = self.order(epoch)
         n = len(self.pairs)
@@ -501,8 +481,8 @@ class VolumeSequence(keras.utils.PyDataset):
                                                                   index))
         if not self.with_labels:
             return image
-        if self.pyramid_levels:
-            return image, label_pyramid(lab, self.pyramid_levels)
+        if self.aux_outputs:
+            return image, labels_by_output(lab, self.aux_outputs)
         return image, lab
 
     def entry(self, case: int):
@@ -606,7 +586,7 @@ def make_sequence_from_config(
     Training: shuffled, augmented as ``data.augment`` says, ``repeat`` when
     ``train.steps_per_epoch`` is set. Other splits: manifest order, no augmentation. Both use
     ``data.mode``, ``data.patch_size``, ``data.oversample``, ``seed``, the configured
-    preprocessing and cache, and ``model.aux_outputs`` pyramid levels.
+    preprocessing and cache, and ``model.aux_outputs``.
 
     Args:
         config: a validated :class:`tf_explog.config.Config`.
@@ -637,7 +617,7 @@ def make_sequence_from_config(
         shuffle=training, seed=int(config.seed), oversample=d.oversample,
         cache_dir=cache_dir, preprocessor=preprocessor,
         augment=builders.make_augmentation(config, config.seed) if training else None,
-        pyramid_levels=int(config.model.aux_outputs), workers=workers,
+        aux_outputs=int(config.model.aux_outputs), workers=workers,
         use_multiprocessing=use_multiprocessing, max_queue_size=max_queue_size,
         repeat=training and config.train.steps_per_epoch is not None,
     )
