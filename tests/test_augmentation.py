@@ -101,8 +101,9 @@ def test_general_transform_matches_scipy_affine_transform():
     c = (np.array(shape) - 1) / 2.0
     s = frac * np.array(shape)
     b = c - m @ (c + s)
+    # Outside the volume: its background, i.e. its minimum (the default fill_value).
     ref = ndimage.affine_transform(image.astype(np.float64), m, offset=b, order=1,
-                                   mode="grid-constant", cval=0.0)
+                                   mode="grid-constant", cval=float(image.min()))
     ref_labels = ndimage.affine_transform(labels, m, offset=b, order=0,
                                           mode="grid-constant", cval=0)
     np.testing.assert_allclose(_np(out)[0, ..., 0], ref, atol=1e-4)
@@ -295,3 +296,29 @@ def test_jax_backend_in_subprocess():
     proc = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=180)
     assert proc.returncode == 0 and "JAX-OK" in proc.stdout, proc.stderr[-3000:]
+
+
+def test_fill_is_the_background_of_a_z_scored_volume():
+    # A z-scored scan: the head is bright, the air around it is far below 0 (the mean).
+    shape = (16, 16, 16)
+    grid = np.indices(shape).transpose(1, 2, 3, 0)
+    head = np.linalg.norm(grid - 7.5, axis=-1) < 6
+    raw = np.where(head, 100.0, 0.0) + np.random.default_rng(0).normal(0, 1, shape)
+    image = ((raw - raw.mean()) / raw.std()).astype("float32")[None, ..., None]
+    background = float(image.min())
+    assert background < -0.5  # not the mean intensity
+    labels = head.astype("int32")[None]
+    out, out_labels = random_affine_3d(image, labels, seed=0, rotation=0.0,
+                                       shift=(0.5, 0.5), zoom=1.0, probability=1.0)
+    out, out_labels = _np(out)[0, ..., 0], _np(out_labels)[0]
+    # Shifted by 8 voxels: the first 8 slices of every axis came from outside the volume.
+    outside = np.zeros(shape, bool)
+    outside[:8] = outside[:, :8] = outside[:, :, :8] = True
+    np.testing.assert_allclose(out[outside], background, atol=1e-5)
+    assert np.all(out_labels[outside] == 0)
+    # fill_value=0.0 gives the old behaviour (the mean intensity)
+    out0, _ = random_affine_3d(image, labels, seed=0, rotation=0.0, shift=(0.5, 0.5),
+                               zoom=1.0, probability=1.0, fill_value=0.0)
+    np.testing.assert_allclose(_np(out0)[0, ..., 0][outside], 0.0, atol=1e-6)
+    with pytest.raises(ValueError, match="fill_value"):
+        RandomAffine3D(fill_value="mean")

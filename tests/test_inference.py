@@ -160,8 +160,9 @@ def test_whole_volume_is_the_pointwise_function(threshold_model):
 def test_one_window_covering_the_volume_equals_whole_volume(unet):
     rng = np.random.default_rng(2)
     image = rng.normal(size=(20, 18, 30, 1)).astype(np.float32)
-    # Independent: pad at the end to 32³ with zeros, call the model directly, crop.
-    padded = np.pad(image, [(0, 12), (0, 14), (0, 2), (0, 0)])
+    # Independent: pad at the end to 32³ with the image's minimum (its background after
+    # z-scoring; 0 would be the mean tissue intensity), call the model directly, crop.
+    padded = np.pad(image, [(0, 12), (0, 14), (0, 2), (0, 0)], constant_values=image.min())
     direct = keras.ops.convert_to_numpy(unet(padded[None], training=False))[0, :20, :18, :30]
     whole = predict_volume(unet, image)
     windowed = predict_volume(unet, image, window=32, overlap=0.5)

@@ -175,7 +175,12 @@ def _flat_index(b, z, y, x, d, h, w):
 
 
 def _sample_linear(image, coords, sizes):
-    """Trilinear sampling of ``[B, D, H, W, C]`` at coords; zero outside the volume."""
+    """Trilinear sampling of ``[B, D, H, W, C]`` at coords, zero outside the volume.
+
+    Returns:
+        ``(values, inside)``: the samples and, per output voxel, the summed weight of the
+        corners that fell inside the volume (1 in the interior, 0 far outside).
+    """
     bsz, d, h, w = sizes
     channels = ops.shape(image)[-1]
     flat = ops.reshape(image, (-1, channels))
@@ -185,7 +190,7 @@ def _sample_linear(image, coords, sizes):
         f = ops.floor(c)
         lows.append(ops.cast(f, "int32"))
         fracs.append(c - f)
-    out = None
+    out = inside = None
     for dz in (0, 1):
         for dy in (0, 1):
             for dx in (0, 1):
@@ -203,7 +208,8 @@ def _sample_linear(image, coords, sizes):
                 vals = ops.take(flat, _flat_index(bidx, *idx, d, h, w), axis=0)
                 term = ops.cast(vals, "float32") * weight[..., None]
                 out = term if out is None else out + term
-    return out
+                inside = weight if inside is None else inside + weight
+    return out, inside
 
 
 def _sample_nearest(volume, coords, sizes, fill):
@@ -257,7 +263,8 @@ def _as_batched(image, labels):
     return image, labels, batched
 
 
-def apply_affine_3d(image, labels, inverse_matrix, offset, interpolation="linear"):
+def apply_affine_3d(image, labels, inverse_matrix, offset, interpolation="linear",
+                    fill_value=0.0):
     """Resample a batch with given per-element sampling maps ``x_in = M x_out + b``.
 
     Args:
@@ -267,10 +274,13 @@ def apply_affine_3d(image, labels, inverse_matrix, offset, interpolation="linear
         offset: ``[B, 3]`` b, in voxels.
         interpolation: ``"linear"`` (trilinear) or ``"nearest"`` for the image; labels are
             always nearest.
+        fill_value: image value outside the input: a number, ``[B, C]`` values (one per
+            element and channel), or ``"minimum"`` (each element's own minimum per channel:
+            the background of a z-scored scan, where 0 is the mean tissue intensity).
 
     Returns:
         ``(image, labels)`` resampled on the input grid (same shapes and dtypes); voxels
-        mapped outside the input get 0 (image) and 0 = background (labels).
+        mapped outside the input get ``fill_value`` (image) and 0 = background (labels).
     """
     if interpolation not in _INTERPOLATIONS:
         raise ValueError(
@@ -283,15 +293,45 @@ def apply_affine_3d(image, labels, inverse_matrix, offset, interpolation="linear
     inv = ops.cast(inverse_matrix, "float32")
     off = ops.cast(offset, "float32")
     coords = _sampling_coords(inv, off, *sizes[1:])
+    fill = _fill(image, fill_value)
     if interpolation == "linear":
-        out = ops.cast(_sample_linear(image, coords, sizes), image.dtype)
+        # Corners outside the volume read fill: their share of the weight goes to it (zero
+        # in the interior, so an identity map stays exact).
+        values, inside = _sample_linear(image, coords, sizes)
+        out = ops.cast(values + fill * (1.0 - inside[..., None]), image.dtype)
     else:
-        out = _sample_nearest(image, coords, sizes, 0)
+        out = _sample_nearest(image, coords, sizes, ops.cast(fill, image.dtype))
     out_labels = None if labels is None else _sample_nearest(labels, coords, sizes, 0)
     if not batched:
         out = out[0]
         out_labels = None if out_labels is None else out_labels[0]
     return out, out_labels
+
+
+def _fill(image, fill_value):
+    """``[B, 1, 1, 1, C]`` float32 fill values for a batched image."""
+    if isinstance(fill_value, str):
+        if fill_value != "minimum":
+            raise ValueError(f"RandomAffine3D: argument 'fill_value' must be a number, per-"
+                             f"element values or 'minimum', got {fill_value!r}")
+        return ops.min(ops.cast(image, "float32"), axis=(1, 2, 3), keepdims=True)
+    fill = ops.cast(ops.convert_to_tensor(fill_value), "float32")
+    if len(fill.shape) == 2:  # [B, C]
+        fill = fill[:, None, None, None, :]
+    return fill
+
+
+def _check_fill(fill_value):
+    if isinstance(fill_value, str):
+        if fill_value != "minimum":
+            raise ValueError(f"RandomAffine3D: argument 'fill_value' must be a number or "
+                             f"'minimum', got {fill_value!r}")
+        return fill_value
+    if isinstance(fill_value, bool) or not isinstance(fill_value, (int, float)) or not (
+            math.isfinite(fill_value)):
+        raise ValueError(f"RandomAffine3D: argument 'fill_value' must be a finite number or "
+                         f"'minimum', got {fill_value!r}")
+    return float(fill_value)
 
 
 def _draw_keys(seed, n):
@@ -311,7 +351,8 @@ def _draw_keys(seed, n):
     )
 
 
-def _random_transform(image, labels, seed, rot, axes, sh, zm, probability, interpolation):
+def _random_transform(image, labels, seed, rot, axes, sh, zm, probability, interpolation,
+                      fill_value="minimum"):
     """Draw per-element transforms and apply them (identity with probability 1 − p)."""
     image, labels, batched = _as_batched(image, labels)
     shape = ops.shape(image)
@@ -331,7 +372,7 @@ def _random_transform(image, labels, seed, rot, axes, sh, zm, probability, inter
     eye = ops.eye(3, dtype="float32")[None]
     inv = ops.where(apply[:, None, None], inv, eye)
     off = ops.where(apply[:, None], off, ops.zeros_like(off))
-    out, out_labels = apply_affine_3d(image, labels, inv, off, interpolation)
+    out, out_labels = apply_affine_3d(image, labels, inv, off, interpolation, fill_value)
     out = ops.where(ops.reshape(apply, (-1, 1, 1, 1, 1)), out, image)
     if out_labels is not None:
         keep = ops.reshape(apply, (-1,) + (1,) * (len(labels.shape) - 1))
@@ -352,6 +393,7 @@ def random_affine_3d(
     zoom: float | Sequence[float] = (0.8, 1.2),
     probability: float = 0.8,
     interpolation: str = "linear",
+    fill_value: float | str = "minimum",
 ):
     """Randomly rotate, shift and zoom image/label volumes, each element on its own.
 
@@ -372,6 +414,8 @@ def random_affine_3d(
         zoom: (low, high) isotropic zoom range, or one number for a fixed zoom.
         probability: chance that an element is transformed (else returned unchanged).
         interpolation: ``"linear"`` or ``"nearest"`` for the image (labels: nearest).
+        fill_value: image value where the transform reaches outside the volume: a number
+            or ``"minimum"`` (each volume's minimum per channel, i.e. its background).
 
     Returns:
         ``(image, labels)`` with the input shapes and dtypes (``labels`` is ``None`` when
@@ -379,7 +423,7 @@ def random_affine_3d(
     """
     args = _check_args(rotation, rotation_axes, shift, zoom, probability, interpolation)
     _draw_keys(seed, 1)  # validates the seed before any work
-    return _random_transform(image, labels, seed, *args, interpolation)
+    return _random_transform(image, labels, seed, *args, interpolation, _check_fill(fill_value))
 
 
 @keras.saving.register_keras_serializable(package="tf_explog")
@@ -388,8 +432,9 @@ class RandomAffine3D(keras.layers.Layer):
 
     Each batch element gets its own transform (with probability ``probability``, else the
     identity); the image is resampled trilinearly (or nearest), the labels nearest, with the
-    same transform about the volume centre, and zeros / background outside. See the module
-    docstring for the axis and sign conventions.
+    same transform about the volume centre; outside the volume the image gets
+    ``fill_value`` (by default each volume's minimum: its background, not the z-scored
+    mean 0) and the labels background. See the module docstring for the conventions.
 
     Call as ``image, labels = layer((image, labels), training=True)`` or ``image =
     layer(image)``; shapes: image ``[B, D, H, W, C]``, labels ``[B, D, H, W]`` (single
@@ -404,6 +449,7 @@ class RandomAffine3D(keras.layers.Layer):
         probability: chance that an element is transformed.
         seed: int or ``None``; drives a ``keras.random.SeedGenerator``.
         interpolation: ``"linear"`` or ``"nearest"`` for the image.
+        fill_value: ``"minimum"`` (default) or a number, see above.
     """
 
     def __init__(
@@ -415,6 +461,7 @@ class RandomAffine3D(keras.layers.Layer):
         probability: float = 0.8,
         seed: int | None = None,
         interpolation: str = "linear",
+        fill_value: float | str = "minimum",
         **kwargs,
     ) -> None:
         super().__init__(**kwargs)
@@ -430,6 +477,7 @@ class RandomAffine3D(keras.layers.Layer):
         self.probability = float(probability)
         self.seed = seed
         self.interpolation = interpolation
+        self.fill_value = _check_fill(fill_value)
         self.seed_generator = keras.random.SeedGenerator(seed)
         # Geometry is computed in float32 whatever the policy; labels must stay integer.
         self._convert_input_args = False
@@ -450,7 +498,8 @@ class RandomAffine3D(keras.layers.Layer):
         if not training:
             return (image, labels) if paired else image
         out, out_labels = _random_transform(
-            image, labels, self.seed_generator, *self._args, self.interpolation
+            image, labels, self.seed_generator, *self._args, self.interpolation,
+            self.fill_value
         )
         return (out, out_labels) if paired else out
 
@@ -468,6 +517,7 @@ class RandomAffine3D(keras.layers.Layer):
                 "probability": self.probability,
                 "seed": self.seed,
                 "interpolation": self.interpolation,
+                "fill_value": self.fill_value,
             }
         )
         return config

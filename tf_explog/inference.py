@@ -1,9 +1,9 @@
 """Whole-volume inference: sliding windows with Gaussian weighting, flip TTA, NIfTI in and out.
 
 :func:`predict_volume` turns one preprocessed image ``[D, H, W, C]`` into class probabilities
-``[D, H, W, K]`` of any size: the volume is zero-padded to a multiple of 16 (the network
-halves the resolution four times) and predicted in one call, or, when it is larger than the
-window, covered by overlapping windows whose softmax outputs are blended with a Gaussian
+``[D, H, W, K]`` of any size: the volume is padded with its background intensity to a
+multiple of 16 (the network halves the resolution four times) and predicted in one call, or,
+when it is larger than the window, covered by overlapping windows whose softmax outputs are blended with a Gaussian
 importance map (Isensee et al., nnU-Net, Nat. Methods 2021; MONAI ``SlidingWindowInferer``):
 
     P(x) = Σ_w g(x - o_w) · p_w(x - o_w)  /  Σ_w g(x - o_w)
@@ -41,6 +41,7 @@ from tf_explog.data.nifti import (
     load_volume,
     save_like,
 )
+from tf_explog.data.core import pad_end
 from tf_explog.data.preprocess import Preprocessor, invert_labels, invert_probabilities
 
 __all__ = [
@@ -236,8 +237,9 @@ def _predict_once(model, image, window, fixed, overlap, gaussian_sigma, window_b
         win = tuple(min(w, -(-s // divisor) * divisor) for w, s in zip(window, shape))
     padded = tuple(max(s, w) for s, w in zip(shape, win))
     if padded != shape:
-        # Zero after normalisation = background intensity; padding at the end, cropped below.
-        image = np.pad(image, [(0, p - s) for p, s in zip(padded, shape)] + [(0, 0)])
+        # The volume's background (its minimum; after z-scoring 0 is the mean tissue
+        # value), at the end of each axis, cropped below.
+        image = pad_end(image, padded)
     crop = tuple(slice(0, s) for s in shape)
     corners = _corners(padded, win, overlap)
     if len(corners) == 1:
@@ -278,8 +280,9 @@ def predict_volume(
 ) -> np.ndarray:
     """Class probabilities of a whole preprocessed volume of any size.
 
-    Without ``window`` (or when the volume fits in one window) the image is zero-padded at the
-    end of each axis to a multiple of ``divisor``, predicted in one call and cropped back.
+    Without ``window`` (or when the volume fits in one window) the image is padded with its
+    background (its minimum per channel) at the end of each axis to a multiple of
+    ``divisor``, predicted in one call and cropped back.
     Otherwise windows of size ``window`` overlapping by ``overlap`` are blended with a Gaussian
     importance map (see the module docstring); axes shorter than the window use a window of
     the padded axis length. A model with fixed spatial input dims always gets windows of

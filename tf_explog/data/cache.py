@@ -185,7 +185,7 @@ class CacheEntry:
 
     def sample_patch(
         self, patch_size: Sequence[int], rng: np.random.Generator, oversample: float = 0.0,
-        pad_value: float = 0.0,
+        pad_value: Optional[float] = None,
     ) -> tuple:
         """Cut one patch, centred on a rare-label voxel with probability ``oversample``.
 
@@ -193,7 +193,8 @@ class CacheEntry:
         uniformly among the foreground labels present and the patch is centred on one of its
         voxels (shifted to stay inside the volume, so the voxel is always inside the patch);
         otherwise the patch position is uniform. Volumes smaller than the patch are padded
-        (centred; image with ``pad_value``, labels with 0). Only the patch is read from disk.
+        (centred; image with ``pad_value``, default the volume's background intensity from
+        its preprocessing record, labels with 0). Only the patch is read from disk.
 
         Returns:
             ``(image float32 [p0, p1, p2, C], labels int32 [p0, p1, p2] or None, info)`` where
@@ -220,7 +221,10 @@ class CacheEntry:
             slice(int(a - s + p), int(b - s + p)) for a, b, s, p in zip(lo, hi, start, pad_before)
         )
         src = tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))
-        img = np.full((*patch, self.image.shape[3]), pad_value, np.float32)
+        if pad_value is None:
+            pad_value = self.record.get("intensity", {}).get("background", 0.0)
+        img = np.empty((*patch, self.image.shape[3]), np.float32)
+        img[...] = np.asarray(pad_value, np.float32)  # one value per channel, or one for all
         img[dst] = self.image[src]
         lab = None
         if self.labels is not None:

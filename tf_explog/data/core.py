@@ -22,7 +22,8 @@ from .cache import VolumeCache
 from .manifest import Manifest
 from .preprocess import Preprocessor
 
-__all__ = ["SplitVolumes", "split_volumes", "clean_batches", "pad_to_multiple", "DIVISOR"]
+__all__ = ["SplitVolumes", "split_volumes", "clean_batches", "pad_to_multiple", "pad_end",
+           "background_value", "DIVISOR"]
 
 PathLike = Union[str, os.PathLike]
 
@@ -69,15 +70,28 @@ def split_volumes(manifest: Manifest, split: str, preprocessor: Preprocessor,
                         VolumeCache(cache_dir, manifest.preprocessor_for(preprocessor)))
 
 
-def pad_to_multiple(image: np.ndarray, divisor: int = DIVISOR, value: float = 0.0) -> np.ndarray:
-    """Pads ``[D, H, W, C]`` at the end of each spatial axis to a multiple of ``divisor``
-    (what :func:`tf_explog.inference.predict_volume` does before a whole-volume pass)."""
-    shape = image.shape[:3]
-    padded = [-(-s // divisor) * divisor for s in shape]
-    if list(shape) == padded:
+def background_value(image: np.ndarray) -> np.ndarray:
+    """The background intensity of a preprocessed ``[D, H, W, C]`` image: its minimum per
+    channel (z-scoring maps the scan's background far below 0, the mean tissue value)."""
+    return np.asarray(image).reshape(-1, image.shape[-1]).min(axis=0)
+
+
+def pad_end(image: np.ndarray, shape: Sequence[int], value=None) -> np.ndarray:
+    """Pads ``[D, H, W, C]`` at the end of each spatial axis up to ``shape`` with ``value``
+    (default :func:`background_value`; one number, or one per channel)."""
+    shape = tuple(int(s) for s in shape)
+    if tuple(image.shape[:3]) == shape:
         return image
-    widths = [(0, p - s) for p, s in zip(padded, shape)] + [(0, 0)]
-    return np.pad(image, widths, constant_values=value)
+    out = np.empty(shape + image.shape[3:], image.dtype)
+    out[...] = background_value(image) if value is None else np.asarray(value, image.dtype)
+    out[tuple(slice(0, s) for s in image.shape[:3])] = image
+    return out
+
+
+def pad_to_multiple(image: np.ndarray, divisor: int = DIVISOR, value=None) -> np.ndarray:
+    """Pads ``[D, H, W, C]`` at the end of each spatial axis to a multiple of ``divisor``
+    with the background (what :func:`tf_explog.inference.predict_volume` does)."""
+    return pad_end(image, [-(-s // divisor) * divisor for s in image.shape[:3]], value)
 
 
 def _tiles(image: np.ndarray, window: Sequence[int]) -> Iterator[np.ndarray]:

@@ -41,7 +41,7 @@ __all__ = [
 
 # Bump when the algorithm changes in a way that changes outputs: it is part of the fingerprint,
 # so on-disk caches built by older code are rebuilt.
-PREPROCESS_FORMAT = 1
+PREPROCESS_FORMAT = 2  # 2: records carry the background intensity
 
 _NORMALIZATIONS = (None, "zscore", "zscore_nonzero")
 _PRESETS = (None, "paper")
@@ -422,6 +422,10 @@ class Preprocessor:
             crop_pad(self.target_shape, "crop_pad")
 
         img, intensity = self._normalise(img)
+        # The volume's own background (its minimum per channel, after normalisation): what
+        # augmentation, patch sampling and inference pad with. After z-scoring 0 is the
+        # mean tissue intensity, not the background.
+        intensity["background"] = [float(v) for v in img.reshape(-1, img.shape[3]).min(0)]
         record["intensity"] = intensity
         record["output_shape"] = [int(s) for s in shape]
         record["output_affine"] = affine.tolist()
