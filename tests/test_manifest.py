@@ -155,6 +155,7 @@ def test_label_map_from_json(tmp_path):
     fs[2:6, 2:6, 2:6] = 2
     fs[8:12, 8:12, 8:12] = 41
     fs[1, 1, 1] = 17
+    fs[0, 0, 0], fs[15, 15, 15] = 3, 42
     _write_json(tmp_path, [_write_case(tmp_path, "fs", labels=fs)],
                 label_map={"1": [2, 41], "2": [3, 42]})
     m = Manifest.load(tmp_path, validation_fraction=0.0)
@@ -162,7 +163,13 @@ def test_label_map_from_json(tmp_path):
         m.validate()
     m = Manifest.load(tmp_path, validation_fraction=0.0, unknown_labels="background")
     m.validate()
-    np.testing.assert_array_equal(label_frequencies(m), [16**3 - 128, 128, 0])
+    np.testing.assert_array_equal(label_frequencies(m), [16**3 - 130, 128, 2])
+    # an original id that no file holds is a typo in the map
+    _write_json(tmp_path, [_write_case(tmp_path, "fs", labels=fs)],
+                label_map={"1": [2, 41], "2": [3, 42, 99]})
+    m = Manifest.load(tmp_path, validation_fraction=0.0, unknown_labels="background")
+    with pytest.raises(ManifestError, match=r"class 2 lists original id\(s\) \[99\]"):
+        m.validate()
 
 
 def test_label_frequencies_cached_and_invalidated(tmp_path):

@@ -56,11 +56,15 @@ def term_metrics(loss: keras.losses.Loss) -> list:
 
 
 def load_manifest(config: Config):
+    """The data set of a config, with ``data.label_map`` (a file) when it gives one."""
     from tf_explog.data.manifest import Manifest
+    from tf_explog.labels import load_label_map
 
-    return Manifest.load(config.resolve(config.data.dataset),
-                         validation_fraction=config.data.validation_fraction,
-                         seed=config.seed)
+    d = config.data
+    label_map = load_label_map(config.resolve(d.label_map)) if d.label_map else None
+    return Manifest.load(config.resolve(d.dataset), validation_fraction=d.validation_fraction,
+                         seed=config.seed, label_map=label_map,
+                         unknown_labels=d.unknown_labels)
 
 
 def make_preprocessor(config: Config, manifest=None):

@@ -78,6 +78,9 @@ class DataConfig:
     patch_size: list[int] = field(default_factory=lambda: [64, 64, 64])
     oversample: float = 0.33
     validation_fraction: float = 0.2
+    # JSON {"class index": [original ids]} relative to this file; overrides dataset.json's
+    label_map: Optional[str] = None
+    unknown_labels: str = "raise"  # raise | background: label ids the label map does not list
     preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 
@@ -92,6 +95,7 @@ class DataConfig:
                                   f"(4 poolings); got {self.patch_size}.")
         _range(f"{key}.oversample", self.oversample, 0.0, 1.0)
         _range(f"{key}.validation_fraction", self.validation_fraction, 0.0, 0.9)
+        _choice(f"{key}.unknown_labels", self.unknown_labels, ("raise", "background"))
         self.preprocess.validate(f"{key}.preprocess")
         self.augment.validate(f"{key}.augment")
 
@@ -221,6 +225,62 @@ class Config:
 # --------------------------------------------------------------------------------------
 
 
+#: YAML aliases (``*name``) allowed in one file: enough for any config, far too few for an
+#: alias bomb (nested aliases that expand to gigabytes once copied).
+MAX_YAML_ALIASES = 100
+#: Largest config file read.
+MAX_CONFIG_BYTES = 1 << 20
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses a mapping key given twice."""
+
+
+def _no_duplicate_keys(loader, node, deep=False):
+    seen = {}
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        if key in seen:
+            raise ConfigError(f"line {key_node.start_mark.line + 1}: key {key!r} appears twice "
+                              f"(first on line {seen[key] + 1})")
+        seen[key] = key_node.start_mark.line
+    return yaml.SafeLoader.construct_mapping(loader, node, deep=deep)
+
+
+_StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG,
+                              _no_duplicate_keys)
+
+
+def read_yaml(path: str | Path) -> dict:
+    """A YAML mapping from ``path`` (``yaml.safe_load``) with the checks a config needs:
+    at most 1 MiB, no key given twice, at most ``MAX_YAML_ALIASES`` aliases.
+
+    Raises:
+        ConfigError: naming the file (and the line) for anything wrong.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found.")
+    if path.stat().st_size > MAX_CONFIG_BYTES:
+        raise ConfigError(f"{path}: {path.stat().st_size} bytes; a config is at most "
+                          f"{MAX_CONFIG_BYTES} bytes.")
+    try:
+        text = path.read_text()
+        aliases = sum(isinstance(event, yaml.AliasEvent) for event in yaml.parse(text))
+        if aliases > MAX_YAML_ALIASES:
+            raise ConfigError(f"{path}: {aliases} YAML aliases; at most {MAX_YAML_ALIASES} "
+                              "are allowed in a config.")
+        raw = yaml.load(text, Loader=_StrictLoader) or {}
+    except ConfigError as err:
+        raise ConfigError(f"{path}: {err}") from None
+    except (yaml.YAMLError, UnicodeDecodeError) as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping; got "
+                          f"{type(raw).__name__}.")
+    return raw
+
+
 def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """Reads a YAML config file, applies ``key=value`` overrides and validates it.
 
@@ -228,12 +288,7 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
         ConfigError: naming the file and the key for anything wrong.
     """
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"{path}: config file not found.")
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    raw = read_yaml(path)
     try:
         config = config_from_dict(raw, overrides)
     except ConfigError as err:
@@ -250,7 +305,12 @@ def config_from_dict(raw: dict, overrides: list[str] | tuple[str, ...] = ()) -> 
         if "=" not in item:
             raise ConfigError(f"override {item!r} must look like key=value (e.g. train.epochs=3).")
         key, value = item.split("=", 1)
-        _set_dotted(raw, key.strip(), yaml.safe_load(value))
+        try:
+            parsed = yaml.safe_load(value)
+        except yaml.YAMLError as err:
+            raise ConfigError(f"override {item!r}: the value is not valid YAML "
+                              f"({str(err).splitlines()[0]}).") from None
+        _set_dotted(raw, key.strip(), parsed)
     return _build(Config, raw, "").validate()
 
 

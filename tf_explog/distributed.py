@@ -14,7 +14,6 @@ the other workers write their (required) checkpoint copies to a temporary direct
 
 from __future__ import annotations
 
-import csv
 import json
 import shutil
 import tempfile
@@ -26,7 +25,8 @@ import numpy as np
 import tensorflow as tf
 
 from tf_explog.batchnorm import recalibrate_batchnorm
-from tf_explog.callbacks import NonFiniteGuard, eager_predict, validate_volumes
+from tf_explog.callbacks import (NonFiniteGuard, eager_predict, read_metrics_csv,
+                                 validate_volumes, write_metrics_csv)
 from tf_explog.data.core import clean_batches, split_volumes
 from tf_explog.errors import NonFiniteError
 from tf_explog.metrics import _log_key
@@ -47,8 +47,9 @@ def train_multi_worker(config, run_dir: Path, fresh: bool = True):
     work_dir = Path(run_dir) if chief else Path(tempfile.mkdtemp(prefix="tf_explog_worker_"))
 
     manifest = b.load_manifest(config)
-    preprocessor = b.make_preprocessor(config, manifest)
     cache_dir = b.cache_dir_for(config)
+    manifest.validate(cache_dir=cache_dir)
+    preprocessor = b.make_preprocessor(config, manifest)
     if chief and fresh:
         tr.write_run_file(run_dir, config, manifest.label_names, manifest.num_channels,
                           preprocessor)
@@ -107,6 +108,7 @@ def train_multi_worker(config, run_dir: Path, fresh: bool = True):
     (work_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
     best = -np.inf
     history: dict[str, list] = {}
+    csv_rows = read_metrics_csv(csv_path) if csv_path.is_file() else []
     # Shard by batch: the stream reads from a cache, not from files TF can split.
     options = tf.data.Options()
     options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
@@ -157,7 +159,8 @@ def train_multi_worker(config, run_dir: Path, fresh: bool = True):
             if monitor is not None and monitor > best:
                 best = monitor
                 model.save(str(best_path))
-            _append_csv(csv_path, epoch, logs)
+            csv_rows = [r for r in csv_rows if r["epoch"] < epoch] + [{"epoch": epoch, **logs}]
+            write_metrics_csv(csv_path, csv_rows)
         for key, value in logs.items():
             history.setdefault(key, []).append(value)
         if config.train.verbose:
@@ -187,10 +190,3 @@ def _check_finite(logs: dict, model, epoch: int) -> None:
     guard.on_epoch_end(epoch, {})
 
 
-def _append_csv(path: Path, epoch: int, logs: dict) -> None:
-    new = not path.exists()
-    with open(path, "a", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=["epoch", *logs])
-        if new:
-            writer.writeheader()
-        writer.writerow({"epoch": epoch, **logs})

@@ -27,6 +27,7 @@ from tf_explog.builders import (build_from_config, cache_dir_for, class_weights_
                                 make_augmentation, make_preprocessor, monitor_name)
 from tf_explog.config import Config, ConfigError, config_from_dict
 from tf_explog.data.core import split_volumes
+from tf_explog.callbacks import MetricsCSV
 from tf_explog.errors import NonFiniteError
 from tf_explog.plots import overlay_panel
 
@@ -212,7 +213,7 @@ def standard_callbacks(config: Config, run_dir: Path, sample, num_classes):
         keras.callbacks.ModelCheckpoint(str(run_dir / BEST_CHECKPOINT), monitor=monitor,
                                         mode="min" if monitor.endswith("loss") else "max",
                                         save_best_only=True, verbose=0),
-        keras.callbacks.CSVLogger(str(run_dir / "metrics.csv"), append=True),
+        MetricsCSV(run_dir / "metrics.csv"),
         keras.callbacks.TensorBoard(str(run_dir / "tensorboard"), write_graph=False,
                                     profile_batch=0),
     ]
@@ -284,11 +285,13 @@ def train(config: Config, *, resume: str | Path | None = None, extra_callbacks=(
 
 def _fit(config: Config, run_dir: Path, extra_callbacks, fresh: bool) -> TrainResult:
     manifest = load_manifest(config)
+    cache_dir = cache_dir_for(config)
+    # Every case of every split, all problems at once, before anything trains.
+    manifest.validate(cache_dir=cache_dir)
     preprocessor = make_preprocessor(config, manifest)
     if fresh:
         write_run_file(run_dir, config, manifest.label_names, manifest.num_channels,
                        preprocessor)
-    cache_dir = cache_dir_for(config)
     class_weights = class_weights_for(config, manifest, preprocessor, cache_dir)
     strategy = make_strategy(config.train.strategy)
     train_ds = make_train_dataset(config, manifest, preprocessor, cache_dir,

@@ -137,6 +137,7 @@ class Manifest:
     label_map: Optional[dict] = None
     unknown_labels: str = "raise"
     raw: dict = field(default_factory=dict, repr=False)
+    label_map_source: str = "label_map"
 
     # ------------------------------------------------------------------ loading
 
@@ -157,7 +158,9 @@ class Manifest:
             validation_fraction: share of ``training`` held out for validation when the json
                 has no explicit ``validation`` list (0 disables; at least one case otherwise).
             seed: seed of that split (the split is deterministic for a seed).
-            label_map: ``{new_id: [original values]}`` overriding the json's ``label_map``.
+            label_map: ``{class: [original ids]}`` or a :class:`~tf_explog.labels.LabelMap`
+                (e.g. from :func:`~tf_explog.labels.load_label_map`), overriding the json's
+                ``label_map``.
             unknown_labels: with a label map, label values outside it are a problem ("raise")
                 or background ("background").
 
@@ -225,11 +228,12 @@ class Manifest:
         lm = label_map if label_map is not None else raw.get("label_map")
         if lm is not None:
             try:
-                lm_obj = LabelMap.coerce(lm)
+                lm_obj = LabelMap.coerce(lm, source=f"{path}: label_map")
                 lm = lm_obj.to_dict()
                 extra = sorted(set(lm_obj.mapping) - set(labels))
                 if labels and extra:
-                    problems.append(f"label_map: ids {extra} are not in 'labels' {sorted(labels)}")
+                    problems.append(f"{lm_obj.source}: class(es) {extra} are not in the data "
+                                    f"set's labels {sorted(labels)}")
             except ValueError as exc:
                 problems.append(str(exc))
         if problems:
@@ -247,6 +251,7 @@ class Manifest:
             label_map=lm,
             unknown_labels=unknown_labels,
             raw=dict(raw),
+            label_map_source=lm_obj.source if lm is not None else "label_map",
         )
 
     # ------------------------------------------------------------------ properties
@@ -318,17 +323,51 @@ class Manifest:
         out += [("test", i, e) for i, e in enumerate(self.test)]
         return out
 
-    def validate(self, *, check_data: bool = True) -> None:
+    def validate(self, *, check_data: bool = True, cache_dir: Optional[PathLike] = None) -> None:
         """Check every case and raise one :class:`ManifestError` listing every problem.
 
         Checks: files exist; no file listed twice (a case in both validation and training
         counts only when the validation list is separate); images 3D or 4D, labels 3D; image and
         label shapes and affines agree; with ``check_data``: files decode, intensities finite,
-        labels are integers within the label ids (or the label map), and have foreground.
+        labels are integers within the label ids (or the label map), and have foreground, and
+        every original id the label map lists occurs in some label file.
+
+        Args:
+            check_data: decode the files (else headers only).
+            cache_dir: remember a successful validation there (keyed by every file's size,
+                modification time and inode, the labels and the label map), so training
+                runs on unchanged data do not decode everything again.
 
         Raises:
             ManifestError: with all problems, each naming its file.
         """
+        marker = None
+        if cache_dir is not None and check_data:
+            marker = Path(cache_dir) / f"validated-{self._validation_key()}.json"
+            if marker.is_file():
+                return
+        self._validate(check_data)
+        if marker is not None:
+            from tf_explog.files import write_json
+
+            write_json(marker, {"dataset": str(self.path), "cases": len(self._all_entries())})
+
+    def _validation_key(self) -> str:
+        sources = []
+        for _, _, e in self._all_entries():
+            for p in (e.image, e.label):
+                if p is None:
+                    continue
+                try:
+                    st = os.stat(p)
+                    sources.append([str(p.resolve()), st.st_size, st.st_mtime_ns, st.st_ino])
+                except OSError:
+                    sources.append([str(p), None])
+        payload = {"sources": sources, "labels": self.labels, "label_map": self.label_map,
+                   "unknown": self.unknown_labels, "modality": self.modality, "format": 1}
+        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+    def _validate(self, check_data: bool) -> None:
         problems: list = []
         entries = self._all_entries()
         held = {e.image.resolve() for e in (self.validation or [])}
@@ -346,6 +385,8 @@ class Manifest:
                 problems.append(f"{p}: listed {len(where)} times ({', '.join(where)})")
 
         allowed = set(self.labels)
+        found_values: set = set()
+        labels_read = 0
         for split, i, e in entries:
             missing = [p for p in (e.image, e.label) if p is not None and not p.is_file()]
             for p in missing:
@@ -402,11 +443,16 @@ class Manifest:
                 problems.append(str(exc))
                 continue
             values = set(int(v) for v in np.unique(lab))
+            found_values |= values
+            labels_read += 1
             if self.label_map is not None:
                 table = LabelMap.coerce(self.label_map).forward_table()
                 outside = sorted(values - set(table))
                 if outside and self.unknown_labels == "raise":
-                    problems.append(f"{e.label}: label values {outside} are not in the label map")
+                    problems.append(
+                        f"{e.label}: label values {outside} are not in the label map "
+                        f"{self.label_map_source} (data.unknown_labels: background maps "
+                        "them to 0)")
                 mapped = {table.get(v, 0) for v in values}
             else:
                 outside = sorted(values - allowed)
@@ -418,6 +464,14 @@ class Manifest:
                 mapped = values
             if not (mapped - {0}):
                 problems.append(f"{e.label}: no foreground (every voxel is background)")
+        if self.label_map is not None and labels_read:
+            lm = LabelMap.coerce(self.label_map)
+            for cls, ids in lm.mapping.items():
+                absent = [v for v in ids if v not in found_values]
+                if absent:
+                    problems.append(
+                        f"{self.label_map_source}: class {cls} lists original id(s) {absent} "
+                        f"that no label file of the data set contains (a typo?)")
         if problems:
             raise ManifestError(problems, self.path)
 
