@@ -61,7 +61,7 @@ def cmd_predict(args) -> int:
 
     written = predict_files(args.model, args.input, args.output, overwrite=args.overwrite,
                             save_probabilities=args.probabilities, tta=args.tta,
-                            window_batch=args.window_batch)
+                            window_batch=args.window_batch, ids=args.ids)
     print(f"wrote {len(written)} segmentation(s) to {args.output}")
     return 0
 
@@ -69,9 +69,12 @@ def cmd_predict(args) -> int:
 def cmd_evaluate(args) -> int:
     from tf_explog.evaluation import evaluate_dirs
 
-    result = evaluate_dirs(args.pred, args.truth, args.out, overwrite=args.overwrite)
+    result = evaluate_dirs(args.pred, args.truth, args.out, overwrite=args.overwrite,
+                           label_map=args.label_map, unknown_labels=args.unknown_labels,
+                           pred_ids=args.pred_ids)
     print(f"wrote metrics.csv, summary.csv, report.md, dice_boxplot.png to {args.out}")
-    print(f"mean Dice over subjects and structures: {result.overall['dice_mean']:.3f}")
+    print(f"mean Dice over subjects and structures: {result.overall['dice_mean']:.3f} "
+          f"(with background: {result.overall['dice_mean_with_background']:.3f})")
     return 0
 
 
@@ -129,6 +132,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--probabilities", action="store_true", help="also save probabilities")
     p.add_argument("--tta", action="store_true", help="flip test-time augmentation")
     p.add_argument("--window-batch", type=int, default=1)
+    p.add_argument("--ids", choices=("original", "class"), default="original",
+                   help="with a label map: write original ids (each class as the first id "
+                        "it lists) or class indices")
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("evaluate", help="per-structure Dice, HD95, ASSD (mm)")
@@ -136,6 +142,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--truth", required=True, help="a directory or an MSD dataset.json")
     p.add_argument("--out", required=True)
     p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--label-map", default=None, metavar="FILE",
+                   help='JSON {"class": [original ids]}: compare in class space (default: '
+                        "the dataset.json's label_map)")
+    p.add_argument("--unknown-labels", choices=("raise", "background"), default="raise",
+                   help="truth ids the label map does not list")
+    p.add_argument("--pred-ids", choices=("original", "class"), default="original",
+                   help="what the predictions hold (see predict --ids)")
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("export", help="SavedModel for TF Serving: BASE/NAME/VERSION/")

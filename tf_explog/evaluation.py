@@ -452,16 +452,32 @@ def evaluate_pairs(
     label_names: Mapping[int, str] | Sequence[str] | None,
     connectivity: int = 1,
     affine_atol: float = 1e-3,
+    *,
+    label_map=None,
+    unknown_labels: str = "raise",
+    pred_ids: str = "original",
 ) -> EvaluationResult:
     """Evaluate NIfTI prediction/truth pairs per subject and structure, then aggregate.
+
+    With a label map the comparison is made in class space whatever ids the files hold: the
+    truth's original ids are mapped to classes (ids the map does not list: an error, or
+    background with ``unknown_labels="background"``), and so are the predictions' unless
+    they already hold class indices (``pred_ids="class"``, as ``tf-explog predict --ids
+    class`` writes them). ``overall["dice_mean_with_background"]`` is the mean Dice over all
+    labels, background included (the paper's mean over 20 labels); ``overall["dice_mean"]``
+    leaves the background out.
 
     Args:
         pairs: ``(subject, pred_path, truth_path)`` triples; subject names must be unique.
         label_names: id → name mapping, or a list of names indexed by id (index 0 =
-            background). Id 0 is never scored. ``None``: every non-zero id found in any
-            truth or prediction, named ``label_<id>``.
+            background), in class space when there is a label map. Id 0 is never scored as
+            a structure. ``None``: every non-zero id found in any truth or prediction, named
+            ``label_<id>``.
         connectivity: erosion neighbourhood for surfaces (see :func:`structure_metrics`).
         affine_atol: largest allowed absolute difference (mm) between the two affines.
+        label_map: a :class:`~tf_explog.labels.LabelMap`, its dict, or None.
+        unknown_labels: "raise" or "background", for truth ids outside the label map.
+        pred_ids: "original" (predictions hold original ids) or "class".
 
     Returns:
         An :class:`EvaluationResult`; ``rows`` ordered by subject (as given) then label id.
@@ -493,11 +509,22 @@ def evaluate_pairs(
     else:
         names = _normalise_label_names(label_names, "label_names")
     allowed = set(names) | {0}
+    if pred_ids not in ("original", "class"):
+        raise EvaluationError(f"pred_ids: expected 'original' or 'class', got {pred_ids!r}")
+    if label_map is not None:
+        from tf_explog.labels import LabelMap, apply_label_map
+
+        label_map = LabelMap.coerce(label_map)
 
     rows: list[dict[str, Any]] = []
+    background: list[float] = []
     for subject, pred_path, truth_path in pairs:
         truth, truth_affine = _load_labels(truth_path)
         pred, pred_affine = _load_labels(pred_path)
+        if label_map is not None:
+            truth = apply_label_map(truth, label_map, unknown_labels, source=truth_path)
+            if pred_ids == "original":
+                pred = apply_label_map(pred, label_map, "raise", source=pred_path)
         if pred.shape != truth.shape:
             raise EvaluationError(
                 f"grids differ: prediction {pred_path} has shape {pred.shape}, "
@@ -512,14 +539,24 @@ def evaluate_pairs(
         for volume, path in ((truth, truth_path), (pred, pred_path)):
             extra = sorted(set(np.unique(volume).tolist()) - allowed)
             if extra:
+                hint = ("" if label_map is not None else
+                        "; pass the data set's label map (--label-map FILE) when the files "
+                        "hold original ids")
                 raise EvaluationError(
-                    f"{path}: label ids {extra} are not in the label names {sorted(allowed)} "
-                    "(a label map not applied?)"
+                    f"{path}: label ids {extra} are not in the label names {sorted(allowed)}"
+                    f"{hint}"
                 )
         spacing = _spacing_from_affine(truth_affine)
-        for metrics in structure_metrics(pred, truth, names, spacing, connectivity=connectivity):
+        subject_rows = structure_metrics(pred, truth, names, spacing, connectivity=connectivity)
+        for metrics in subject_rows:
             rows.append({"subject": subject, "name": names[metrics["label"]], **metrics})
-    return aggregate(rows)
+        t0, p0 = truth == 0, pred == 0
+        denominator = int(t0.sum()) + int(p0.sum())
+        dice0 = 1.0 if denominator == 0 else 2.0 * int((t0 & p0).sum()) / denominator
+        background.append((dice0 + sum(r["dice"] for r in subject_rows)) / (1 + len(subject_rows)))
+    result = aggregate(rows)
+    result.overall["dice_mean_with_background"] = float(np.mean(background))
+    return result
 
 
 def _strip_nifti(name: str) -> str | None:
@@ -555,8 +592,9 @@ def _labels_from_dataset_json(labels: Any, where: str) -> dict[int, str]:
     return _normalise_label_names(labels, f"{where}: 'labels'")
 
 
-def _truth_from_dataset_json(path: Path) -> tuple[list[tuple[str, Path, list[str]]], dict[int, str]]:
-    """Return [(subject, truth_path, candidate prediction stems)], label names from ``path``."""
+def _truth_from_dataset_json(path: Path) -> tuple[list, dict[int, str], Any]:
+    """Return [(subject, truth_path, candidate prediction stems)], label names and the
+    ``label_map`` entry (or None) from ``path``."""
     try:
         spec = json.loads(path.read_text())
     except json.JSONDecodeError as exc:
@@ -584,7 +622,7 @@ def _truth_from_dataset_json(path: Path) -> tuple[list[tuple[str, Path, list[str
             if image_stem and image_stem not in stems:
                 stems.append(image_stem)
         cases.append((stems[0], truth_path, stems))
-    return cases, names
+    return cases, names, spec.get("label_map")
 
 
 def _match_predictions(
@@ -687,6 +725,12 @@ def format_report(result: EvaluationResult, title: str = "Per-structure evaluati
     for row in result.groups:
         lines.append(line(row, f"**{row['name']} ({row['n_structures']} structures)**", ""))
     lines.append(line({**result.overall, "size_group": ""}, "**overall**", ""))
+    with_background = result.overall.get("dice_mean_with_background")
+    if with_background is not None:
+        lines += ["", f"Mean Dice over the {len(result.structures)} structures: "
+                  f"{_fmt(result.overall['dice_mean'], 3)}; over all "
+                  f"{len(result.structures) + 1} labels, background included (the paper's "
+                  f"convention): {_fmt(with_background, 3)}."]
     lines += [
         "",
         "Size groups are terciles of the structures' mean ground-truth volume; group and overall rows "
@@ -727,6 +771,10 @@ def evaluate_dirs(
     label_names: Mapping[int, str] | Sequence[str] | None = None,
     overwrite: bool = False,
     connectivity: int = 1,
+    *,
+    label_map=None,
+    unknown_labels: str = "raise",
+    pred_ids: str = "original",
 ) -> EvaluationResult:
     """Evaluate a directory of predicted label maps and write the report files.
 
@@ -742,6 +790,9 @@ def evaluate_dirs(
             ``None`` with a truth directory: every non-zero id found, named ``label_<id>``.
         overwrite: replace existing output files; otherwise they make this raise.
         connectivity: erosion neighbourhood for surfaces (see :func:`structure_metrics`).
+        label_map: a :class:`~tf_explog.labels.LabelMap`, its dict, or a JSON file path;
+            default: the dataset.json's ``label_map`` when the truth is a dataset.json.
+        unknown_labels, pred_ids: see :func:`evaluate_pairs`.
 
     Returns:
         The :class:`EvaluationResult`, with ``outputs`` naming the written files.
@@ -762,12 +813,21 @@ def evaluate_dirs(
         cases = [(stem, path, [stem]) for stem, path in _nifti_files(truth, "truth").items()]
         names = label_names
     elif truth.is_file():
-        cases, json_names = _truth_from_dataset_json(truth)
+        cases, json_names, json_map = _truth_from_dataset_json(truth)
         names = label_names if label_names is not None else json_names
+        if label_map is None and json_map is not None:
+            from tf_explog.labels import LabelMap
+
+            label_map = LabelMap(json_map, source=f"{truth}: label_map")
     else:
         raise FileNotFoundError(f"{truth}: truth directory or dataset.json not found")
+    if isinstance(label_map, (str, os.PathLike)):
+        from tf_explog.labels import load_label_map
+
+        label_map = load_label_map(label_map)
     pairs = _match_predictions(cases, pred_dir, str(truth))
-    result = evaluate_pairs(pairs, names, connectivity=connectivity)
+    result = evaluate_pairs(pairs, names, connectivity=connectivity, label_map=label_map,
+                            unknown_labels=unknown_labels, pred_ids=pred_ids)
 
     out_dir.mkdir(parents=True, exist_ok=True)
     contents = {

@@ -507,7 +507,8 @@ def output_paths(input_path: PathLike, output_dir: PathLike) -> tuple:
     return out / name, out / (_strip_nifti_suffix(name) + PROBABILITIES_SUFFIX)
 
 
-def _to_original_labels(probs, record, preprocessor: Preprocessor, want_probabilities: bool):
+def _to_original_labels(probs, record, preprocessor: Preprocessor, want_probabilities: bool,
+                        ids: str = "original"):
     """Canonical-grid label ids (and probabilities) from probabilities on the preprocessed grid.
 
     With only crops/pads in the record, ``argmax`` then :func:`invert_labels` is exact and
@@ -524,7 +525,7 @@ def _to_original_labels(probs, record, preprocessor: Preprocessor, want_probabil
         labels = np.argmax(canon_probs, axis=-1).astype(np.int32)
     else:
         labels = invert_labels(np.argmax(probs, axis=-1).astype(np.int32), record)
-    if preprocessor.label_map is not None:
+    if preprocessor.label_map is not None and ids == "original":
         labels = invert_label_map(labels, preprocessor.label_map)
     return labels, canon_probs
 
@@ -541,6 +542,7 @@ def predict_files(
     window_batch: int = 1,
     overlap: float = 0.5,
     progress: bool = True,
+    ids: str = "original",
 ) -> list:
     """Segment NIfTI files into label maps aligned voxel for voxel with the inputs.
 
@@ -548,8 +550,13 @@ def predict_files(
     training (``Preprocessor.forward``, image only), :func:`predict_volume`, undo the
     preprocessing onto the canonical input grid (see :func:`_to_original_labels` for the
     exact order), map label ids back to original label values when the preprocessor has a
-    label map (each id to the first value it lists), and write with :func:`save_like`: the
-    output has the input's shape, affine, orientation and header.
+    label map, and write with :func:`save_like`: the output has the input's shape, affine,
+    orientation and header.
+
+    With a label map, ``ids="original"`` writes each class as the *first* original id it
+    lists (a class merging left and right, ``{"1": [2, 41]}``, is written as 2 everywhere:
+    the network cannot tell the sides apart once they are one class); ``ids="class"``
+    writes the class indices themselves (evaluate those with ``pred_ids="class"``).
 
     Every input header and every output path is checked before anything is written.
 
@@ -567,6 +574,7 @@ def predict_files(
         window_batch: windows per model call.
         overlap: sliding-window overlap fraction.
         progress: show a progress bar.
+        ids: "original" (label-map runs: original ids, see above) or "class".
 
     Returns:
         The written segmentation paths, in input order.
@@ -577,6 +585,8 @@ def predict_files(
             wrong dimensionality or channel count, output that would replace its input.
         FileExistsError: an output exists and ``overwrite`` is false (nothing is written).
     """
+    if ids not in ("original", "class"):
+        raise InferenceError(f"ids: expected 'original' or 'class', got {ids!r}")
     predictor = load_predictor(model)
     files = _list_inputs(inputs)
     _, channels = _model_input(predictor.model)
@@ -618,7 +628,7 @@ def predict_files(
                 f"lists {len(names)} label names"
             )
         labels, canon_probs = _to_original_labels(probs, record, predictor.preprocessor,
-                                                  save_probabilities)
+                                                  save_probabilities, ids)
         written.append(save_like(labels, volume, seg, overwrite=overwrite))
         if save_probabilities:
             save_like(canon_probs, volume, prob, overwrite=overwrite)
