@@ -26,7 +26,7 @@ def reproduce_dir(tmp_path_factory):
     (root / "reproduce.yaml").write_text(yaml.safe_dump(sort_keys=False, data={
         "name": "tiny_comparison", "train_config": "train.yaml", "out_dir": "report",
         "synthetic": {"out": "data", "subjects": 3, "test_subjects": 2, "shape": 16},
-        "reference_arm": "exp_log_g0.3",
+        "reference_arm": "exp_log_g0.3", "splits": 2,
         "arms": {"linear_dice": {"loss": "linear_dice"},
                  "exp_log_g0.3": {"loss": "exp_log",
                                   "params": {"gamma_dice": 0.3, "gamma_cross": 0.3}}},
@@ -46,21 +46,41 @@ def test_reproduce_writes_every_report_file(reproduce_dir):
     text = report.read_text()
     table = [line for line in text.splitlines() if line.startswith("| ")]
     header = table[0]
-    assert header == "| structure | fraction | linear_dice | exp_log_g0.3 |"
+    assert header == "| structure | fraction | group | linear_dice | exp_log_g0.3 |"
     labels = json.loads((root / "data" / "dataset.json").read_text())["labels"]
     structure_rows = table[1:1 + len(labels) - 1]
     assert len(structure_rows) == len(labels) - 1  # every structure, background excluded
     fractions = [float(r.split("|")[2].strip().rstrip("%")) for r in structure_rows]
     assert fractions == sorted(fractions, reverse=True)  # sorted by size
+    assert {r.split("|")[3].strip() for r in structure_rows} == {"small", "medium", "large"}
     assert all(r.count("**") >= 2 for r in structure_rows)  # a best entry in bold per row
     summary = [r for r in table if r.startswith("| linear_dice |") or
                r.startswith("| exp_log_g0.3 |")]
     assert len(summary) == 2
+    assert "with background" in text and "Forward pass alone" in text
     with open(out / "per_subject.csv") as f:
         rows = list(csv.DictReader(f))
-    # 2 arms x 2 test subjects x 19 structures
-    assert len(rows) == 2 * 2 * (len(labels) - 1)
+    # 2 arms x 2 splits x 2 test subjects x 19 structures
+    assert len(rows) == 2 * 2 * 2 * (len(labels) - 1)
     assert {r["arm"] for r in rows} == {"linear_dice", "exp_log_g0.3"}
+    assert {r["split"] for r in rows} == {"0", "1"}
+
+
+def test_splits_repartition_without_leaks(reproduce_dir):
+    root, _ = reproduce_dir
+    own = json.loads((root / "data" / "dataset.json").read_text())
+    other = json.loads((root / "report" / "splits" / "split_1" / "dataset.json").read_text())
+    name = lambda e: Path(e["label"]).name  # noqa: E731
+    assert len(other["test"]) == len(own["test"]) == 2
+    assert len(other["training"]) == len(own["training"])
+    assert {name(e) for e in other["test"]}.isdisjoint({name(e) for e in other["training"]})
+    assert {name(e) for e in other["test"]} != {name(e) for e in own["test"]}
+    assert other["labels"] == own["labels"]
+    for arm in ("linear_dice", "exp_log_g0.3"):
+        done = json.loads((root / "report" / "runs" / "split_1" / arm / "DONE.json").read_text())
+        assert sorted(done["test_subjects"]) == sorted(
+            name(e).split(".nii")[0] for e in other["test"])
+        assert 0 <= done["evaluation"]["dice_mean_with_background"] <= 1
 
 
 def test_reproduce_skips_finished_arms(reproduce_dir, capsys):
@@ -68,7 +88,7 @@ def test_reproduce_skips_finished_arms(reproduce_dir, capsys):
     before = {p: p.stat().st_mtime_ns for p in (root / "report" / "runs").rglob("*.keras")}
     experiments.reproduce(root / "reproduce.yaml")
     out = capsys.readouterr().out
-    assert out.count("finished earlier, skipped") == 2
+    assert out.count("finished earlier, skipped") == 4
     after = {p: p.stat().st_mtime_ns for p in (root / "report" / "runs").rglob("*.keras")}
     assert before == after
 
@@ -85,8 +105,8 @@ def test_failed_arm_is_reported_not_fatal(reproduce_dir, monkeypatch):
     monkeypatch.setattr(experiments, "run_arm", flaky)
     report = experiments.reproduce(root / "reproduce.yaml", out_dir=root / "report")
     text = report.read_text()
-    assert "## Failed arms" in text and "simulated failure" in text
-    assert "| structure | fraction | exp_log_g0.3 |" in text
+    assert "## Failed runs" in text and "simulated failure" in text
+    assert "| structure | fraction | group | exp_log_g0.3 |" in text
 
 
 def test_reproduce_config_errors(tmp_path):

@@ -243,8 +243,10 @@ def _collector(model, layers: list, batch_stats: bool) -> Callable:
     compiled = cache[key]
 
     def collect(image):
-        out = compiled([v.value for v in model.trainable_variables],
-                       [v.value for v in model.non_trainable_variables], image)
+        # Values, not variables: the compiled function is traced once per input shape.
+        out = compiled([ops.convert_to_tensor(v.value) for v in model.trainable_variables],
+                       [ops.convert_to_tensor(v.value) for v in model.non_trainable_variables],
+                       image)
         return [(int(ops.convert_to_numpy(c)), m, v) for c, m, v in out]
 
     return collect

@@ -35,6 +35,9 @@ __all__ = [
     "validate_volumes",
     "non_finite_weights",
     "eager_predict",
+    "MetricsCSV",
+    "read_metrics_csv",
+    "write_metrics_csv",
 ]
 
 
@@ -260,6 +263,74 @@ class InferenceValidation(keras.callbacks.Callback):
         if result["loss"] is not None:
             logs[f"{p}loss"] = result["loss"]
         logs["time_validation"] = time.perf_counter() - start
+
+
+def read_metrics_csv(path) -> list:
+    """The rows of a metrics CSV as dicts of floats (``epoch`` an int; empty cells absent)."""
+    import csv
+
+    rows = []
+    with open(path, newline="") as f:
+        for raw in csv.DictReader(f):
+            row = {}
+            for key, value in raw.items():
+                if value in ("", None):
+                    continue
+                try:
+                    row[key] = int(value) if key == "epoch" else float(value)
+                except ValueError:
+                    continue
+            if "epoch" in row:
+                rows.append(row)
+    return rows
+
+
+def write_metrics_csv(path, rows: Sequence[dict]) -> None:
+    """Writes every row (``epoch`` first, then the union of the keys, sorted), atomically."""
+    import csv
+    import io
+
+    from tf_explog.files import atomic_write
+
+    keys = sorted({k for row in rows for k in row} - {"epoch"})
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=["epoch", *keys], restval="", lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow(row)
+    atomic_write(path, buf.getvalue())
+
+
+class MetricsCSV(keras.callbacks.Callback):
+    """One row per epoch in ``path``, the whole file rewritten atomically at each epoch's end.
+
+    Unlike ``keras.callbacks.CSVLogger`` (which appends in place and fixes its columns at the
+    first epoch), a kill leaves the previous complete file, epochs without validation keep
+    their columns, and a resumed run first drops the rows of epochs it repeats (the one that
+    was cut, and any after it).
+    """
+
+    def __init__(self, path) -> None:
+        super().__init__()
+        self.path = path
+        self.rows: Optional[list] = None
+
+    def on_epoch_begin(self, epoch, logs=None):
+        if self.rows is None:
+            from pathlib import Path
+
+            previous = read_metrics_csv(self.path) if Path(self.path).is_file() else []
+            self.rows = [row for row in previous if row["epoch"] < epoch]
+
+    def on_epoch_end(self, epoch, logs=None):
+        row = {"epoch": int(epoch)}
+        for key, value in (logs or {}).items():
+            try:
+                row[key] = _as_float(value)
+            except (TypeError, ValueError, IndexError):
+                continue
+        self.rows = [r for r in (self.rows or []) if r["epoch"] != epoch] + [row]
+        write_metrics_csv(self.path, self.rows)
 
 
 class EpochTimer(keras.callbacks.Callback):

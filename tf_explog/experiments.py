@@ -1,28 +1,26 @@
 """The paper's loss comparison (``tf-explog reproduce``) and the one-command demo.
 
-``reproduce`` trains the same network on the same data, seeds and budget once per loss
-("arm"), segments the held-out test set with each, evaluates every structure, and writes a
-report directory shaped like the paper's comparison:
+``reproduce`` trains the same network on the same data, seed and budget once per *arm* (a
+loss, or a whole recipe given as config overrides) and per *split* of the data set, segments
+each split's held-out test subjects with each arm's best-validation checkpoint, evaluates
+every structure in class space, and writes the report (`tf_explog.comparison`) to the
+report directory, with the runs under ``runs/split_<k>/<arm>/``.
 
-    report.md               structures (sorted by size) x losses, Dice mean ± SD, best in bold;
-                            mean Dice, smallest-third mean, Wilcoxon p-values vs the reference
-                            arm, HD95, seconds per epoch and per 128³-equivalent inference
-    per_subject.csv         one row per arm x subject x structure
-    convergence.png         validation mean Dice per epoch, one line per loss
-    dice_by_structure.png   mean Dice per structure and loss
-    runs/<arm>/             each arm's run directory (resumable)
+Splits: split 0 is the data set's own training/test division; splits 1..K-1 re-partition
+all labelled subjects at random (seeded by ``split_seed``) with the same number of test
+subjects, written as ``splits/split_<k>/dataset.json`` (absolute paths, the same labels and
+label map, the same volume cache).
 
-Finished arms are detected (``runs/<arm>/DONE.json``) and skipped; an unfinished one resumes
-from its last epoch; an arm that fails is reported in ``report.md`` and the others go on.
+Finished runs are detected (``DONE.json``) and skipped; an unfinished one resumes from its
+last epoch; a run that fails is reported in ``report.md`` and the others go on.
 """
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 import math
 import os
+import platform
 import shutil
 import tempfile
 import time
@@ -35,6 +33,7 @@ import numpy as np
 import yaml
 
 from tf_explog.config import ConfigError, _build, load_config
+from tf_explog.files import atomic_write, write_json
 
 DONE_FILE = "DONE.json"
 
@@ -52,8 +51,12 @@ class SyntheticData:
 
 @dataclass
 class Arm:
-    loss: str = "exp_log"
+    """One arm: a loss (with its parameters) and/or config overrides (a recipe)."""
+
+    loss: Optional[str] = None  # None: the training config's own loss
     params: dict[str, Any] = field(default_factory=dict)
+    set: list[str] = field(default_factory=list)  # overrides for this arm only
+    train_config: Optional[str] = None  # another base config, relative to this file
 
 
 @dataclass
@@ -64,6 +67,8 @@ class ReproduceConfig:
     synthetic: Optional[SyntheticData] = None
     out_dir: str = "../reports/reproduce"
     reference_arm: str = "exp_log_g0.3"
+    splits: int = 3  # random re-partitions of the data set (split 0: its own)
+    split_seed: int = 0
     arms: dict[str, Arm] = field(default_factory=dict)
 
 
@@ -81,10 +86,10 @@ def paper_arms() -> dict[str, Arm]:
 
 
 def load_reproduce_config(path: str | Path) -> tuple[ReproduceConfig, Path]:
+    from tf_explog.config import read_yaml
+
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"{path}: config file not found.")
-    raw = yaml.safe_load(path.read_text()) or {}
+    raw = read_yaml(path)
     arms = raw.pop("arms", None)
     try:
         config = _build(ReproduceConfig, raw, "")
@@ -92,18 +97,20 @@ def load_reproduce_config(path: str | Path) -> tuple[ReproduceConfig, Path]:
             config.arms = paper_arms()
         else:
             if not isinstance(arms, dict) or not arms:
-                raise ConfigError("arms must be a mapping of arm name -> {loss, params}.")
+                raise ConfigError("arms must be a mapping of arm name -> {loss, params, set}.")
             config.arms = {str(k): _build(Arm, v, f"arms.{k}") for k, v in arms.items()}
         if config.reference_arm not in config.arms:
             raise ConfigError(f"reference_arm {config.reference_arm!r} is not one of the arms "
                               f"{sorted(config.arms)}.")
+        if not 1 <= config.splits <= 100:
+            raise ConfigError(f"splits must be between 1 and 100; got {config.splits!r}.")
     except ConfigError as err:
         raise ConfigError(f"{path}: {err}") from None
     return config, path.resolve().parent
 
 
 # --------------------------------------------------------------------------------------
-# Running the arms
+# Arms and splits
 # --------------------------------------------------------------------------------------
 
 
@@ -111,20 +118,24 @@ def _arm_train_config(rc: ReproduceConfig, base_dir: Path, arm_name: str, arm: A
                       overrides=()):
     from tf_explog.losses import LOSSES
 
-    if arm.loss not in LOSSES:
+    if arm.loss is not None and arm.loss not in LOSSES:
         raise ConfigError(f"arms.{arm_name}.loss must be one of {sorted(LOSSES)}; "
                           f"got {arm.loss!r}.")
-    config = load_config(base_dir / rc.train_config, [*rc.set, *overrides])
+    if arm.loss is None and arm.params:
+        raise ConfigError(f"arms.{arm_name}.params needs arms.{arm_name}.loss.")
+    base = base_dir / (arm.train_config or rc.train_config)
+    config = load_config(base, [*rc.set, *arm.set, *overrides])
     config.name = f"{rc.name}-{arm_name}"
-    config.loss.name = arm.loss
-    config.loss.params = dict(arm.params)
-    config.loss.class_weights = "auto" if arm.loss in ("exp_log", "weighted_cross_entropy") \
-        else None
+    if arm.loss is not None:
+        config.loss.name = arm.loss
+        config.loss.params = dict(arm.params)
+        config.loss.class_weights = ("auto" if arm.loss in ("exp_log", "weighted_cross_entropy")
+                                     else None)
     return config.validate()
 
 
 def arm_train_config(reproduce_config: str | Path, arm: str, overrides=()):
-    """The training `Config` of one arm of a reproduce config (e.g. for bench/train_jax.py)."""
+    """The training `Config` of one arm (split 0) of a reproduce config (e.g. for JAX)."""
     rc, base_dir = load_reproduce_config(reproduce_config)
     if arm not in rc.arms:
         raise ConfigError(f"{reproduce_config}: no arm {arm!r}; arms: {sorted(rc.arms)}.")
@@ -146,8 +157,52 @@ def _ensure_synthetic(rc: ReproduceConfig, base_dir: Path) -> None:
                      shape=s.shape, seed=s.seed, verbose=True)
 
 
-def segment_and_evaluate(run_dir: Path, entries, label_names, progress: bool = True):
-    """Segments the entries' images with a run's best model and evaluates them per structure.
+def make_splits(manifest, count: int, seed: int = 0) -> list:
+    """``[(training entries, test entries), ...]``: the data set's own split, then seeded
+    random re-partitions of all labelled subjects with the same number of test subjects."""
+    from tf_explog.errors import InputError
+
+    test = [e for e in manifest.test if e.label is not None]
+    if not test:
+        raise InputError(f"{manifest.path}: the data set has no labelled test entries to "
+                         "evaluate on")
+    training = manifest.entries("all")
+    pool = training + test
+    splits = [(training, test)]
+    for k in range(1, count):
+        order = np.random.default_rng([int(seed), k]).permutation(len(pool))
+        chosen = set(int(i) for i in order[:len(test)])
+        splits.append(([e for i, e in enumerate(pool) if i not in chosen],
+                       [e for i, e in enumerate(pool) if i in chosen]))
+    return splits
+
+
+def write_split_dataset(manifest, training, test, path: Path) -> Path:
+    """A dataset.json for one split: the manifest's labels, modalities and label map, with
+    absolute paths to its files."""
+    raw = {
+        "name": f"{manifest.name} ({path.parent.name})",
+        "labels": {str(k): v for k, v in manifest.labels.items()},
+        "modality": {str(k): v for k, v in manifest.modality.items()},
+        "training": [{"image": str(e.image.resolve()), "label": str(e.label.resolve())}
+                     for e in training],
+        "test": [{"image": str(e.image.resolve()), "label": str(e.label.resolve())}
+                 for e in test],
+    }
+    if manifest.label_map is not None:
+        raw["label_map"] = manifest.label_map
+    return write_json(path, raw, indent=1)
+
+
+# --------------------------------------------------------------------------------------
+# Running
+# --------------------------------------------------------------------------------------
+
+
+def segment_and_evaluate(run_dir: Path, entries, label_names, progress: bool = True,
+                         label_map=None, unknown_labels: str = "raise"):
+    """Segments the entries' images with a run's best model and evaluates them per structure
+    (in class space, with the data set's label map when it has one).
 
     Returns:
         (EvaluationResult, seconds spent predicting, voxels predicted).
@@ -169,230 +224,144 @@ def segment_and_evaluate(run_dir: Path, entries, label_names, progress: bool = T
     finally:
         shutil.rmtree(links)
     voxels = sum(int(np.prod(nib.load(str(e.image)).shape[:3])) for e in entries)
-    pairs = [(Path(e.image).name.split(".nii")[0], pred_dir / Path(e.image).name,
-              Path(e.label)) for e in entries]
-    return evaluate_pairs(pairs, list(label_names)), seconds, voxels
+    pairs = [(e.id, pred_dir / Path(e.image).name, Path(e.label)) for e in entries]
+    return (evaluate_pairs(pairs, list(label_names), label_map=label_map,
+                           unknown_labels=unknown_labels), seconds, voxels)
 
 
-def run_arm(config, run_dir: Path, test_entries, label_names) -> dict:
-    """Trains (or resumes, or skips) one arm, then segments and evaluates the test set."""
+def run_arm(config, run_dir: Path, test_entries, label_names, label_map=None,
+            unknown_labels: str = "raise") -> dict:
+    """Trains (or resumes, or skips) one arm on one split, then evaluates its test subjects.
+
+    Returns (and stores as ``DONE.json``): the evaluation rows and summary, the validation
+    curve (``val_epochs``, ``val_dice``) and losses from ``metrics.csv``, and timings.
+    """
+    from tf_explog.callbacks import read_metrics_csv
     from tf_explog.training import train
 
     done = run_dir / DONE_FILE
     if done.is_file():
-        print(f"[reproduce] {run_dir.name}: finished earlier, skipped", flush=True)
+        print(f"[reproduce] {run_dir.parent.name}/{run_dir.name}: finished earlier, skipped",
+              flush=True)
         return json.loads(done.read_text())
     start = time.perf_counter()
     if (run_dir / "run.json").is_file():
-        print(f"[reproduce] {run_dir.name}: resuming", flush=True)
-        result = train(None, resume=run_dir)
+        print(f"[reproduce] {run_dir.parent.name}/{run_dir.name}: resuming", flush=True)
+        train(None, resume=run_dir)
     else:
         if run_dir.exists():  # created but never started: nothing to keep
             shutil.rmtree(run_dir)
-        result = train(config, run_dir=run_dir)
+        train(config, run_dir=run_dir)
     train_seconds = time.perf_counter() - start
 
     evaluation, predict_seconds, voxels = segment_and_evaluate(
-        run_dir, test_entries, label_names, progress=False)
+        run_dir, test_entries, label_names, progress=False, label_map=label_map,
+        unknown_labels=unknown_labels)
+    rows = read_metrics_csv(run_dir / "metrics.csv")
+    validated = [r for r in rows if "val_dice" in r]
     summary = {
         "rows": evaluation.rows,
-        "history": {k: [float(x) for x in v] for k, v in result.history.items()},
+        "evaluation": {k: evaluation.overall[k] for k in ("dice_mean",
+                                                          "dice_mean_with_background")},
+        "history": {"epoch": [r["epoch"] for r in rows],
+                    "loss": [r.get("loss", math.nan) for r in rows],
+                    "val_epochs": [r["epoch"] + 1 for r in validated],
+                    "val_dice": [r["val_dice"] for r in validated]},
         "train_seconds": train_seconds,
-        "epoch_seconds": float(np.median(result.history.get("epoch_seconds", [math.nan]))),
+        "epoch_seconds": float(np.median([r.get("epoch_seconds", math.nan) for r in rows])),
         "inference_seconds_per_128cube": predict_seconds * 128**3 / max(voxels, 1),
+        "test_subjects": [e.id for e in test_entries],
     }
-    tmp = done.with_name(done.name + ".tmp")
-    tmp.write_text(json.dumps(summary, default=_json_default))
-    os.replace(tmp, done)
+    write_json(done, summary, indent=None)
     return summary
 
 
-def _json_default(value):
-    if isinstance(value, (np.floating, np.integer)):
-        return value.item()
-    if isinstance(value, Path):
-        return str(value)
-    raise TypeError(type(value))
+def forward_seconds_128(checkpoint: Path, repeats: int = 3) -> float:
+    """Median wall time of one compiled, warm forward pass of a model on a 128³ volume."""
+    import keras
+
+    from tf_explog.inference import load_predictor
+
+    model = load_predictor(checkpoint).model
+    channels = model.input_shape[-1]
+    x = np.random.default_rng(0).normal(size=(1, 128, 128, 128, channels)).astype("float32")
+    model.predict_on_batch(x)  # compile
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        keras.ops.convert_to_numpy(model.predict_on_batch(x))
+        times.append(time.perf_counter() - start)
+    return float(np.median(times))
+
+
+def machine_description() -> str:
+    """CPU model, cores and library versions, one line."""
+    import keras
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f
+                        if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    return (f"{cpu}, {os.cpu_count()} CPUs, Python {platform.python_version()}, Keras "
+            f"{keras.__version__} on {keras.backend.backend()}")
 
 
 def reproduce(config_path: str | Path, overrides=(), out_dir: str | Path | None = None,
               arms: list[str] | None = None) -> Path:
-    """Runs every arm of a reproduce config and writes the report; returns report.md's path."""
-    from tf_explog.training import load_manifest
+    """Runs every arm on every split and writes the report; returns report.md's path."""
+    from tf_explog.builders import cache_dir_for, load_manifest
+    from tf_explog.comparison import write_report
 
     rc, base_dir = load_reproduce_config(config_path)
     out = Path(out_dir) if out_dir else (base_dir / rc.out_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
     _ensure_synthetic(rc, base_dir)
     selected = arms or list(rc.arms)
-    configs = {name: _arm_train_config(rc, base_dir, name, rc.arms[name], overrides)
-               for name in selected}
-    any_config = next(iter(configs.values()))
-    manifest = load_manifest(any_config)
-    test_entries = manifest.entries("test")
-    if not test_entries:
-        raise ValueError(f"{any_config.data.dataset}: the data set has no labelled test "
-                         "entries to evaluate on.")
+    unknown = sorted(set(selected) - set(rc.arms))
+    if unknown:
+        raise ConfigError(f"{config_path}: no arm(s) {unknown}; arms: {sorted(rc.arms)}.")
+    first = _arm_train_config(rc, base_dir, selected[0], rc.arms[selected[0]], overrides)
+    manifest = load_manifest(first)
+    cache = cache_dir_for(first).resolve()  # one volume cache for every split
     label_names = manifest.label_names
+    splits = make_splits(manifest, rc.splits, rc.split_seed)
 
-    results, failures = {}, {}
-    for name, config in configs.items():
-        print(f"[reproduce] arm {name}: loss={config.loss.name} {config.loss.params}",
-              flush=True)
-        try:
-            results[name] = run_arm(config, out / "runs" / name, test_entries, label_names)
-        except Exception as err:  # one failed arm is reported, not fatal
-            failures[name] = f"{type(err).__name__}: {err}"
-            print(f"[reproduce] arm {name} FAILED: {failures[name]}", flush=True)
-            (out / "runs").mkdir(exist_ok=True)
-            (out / "runs" / f"{name}.error.txt").write_text(traceback.format_exc())
-    return write_report(out, rc, results, failures, label_names)
-
-
-# --------------------------------------------------------------------------------------
-# The report
-# --------------------------------------------------------------------------------------
-
-
-def _atomic_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-
-
-def _mean_sd(values) -> tuple[float, float]:
-    values = np.asarray([v for v in values if v is not None and not math.isnan(v)], float)
-    if values.size == 0:
-        return math.nan, math.nan
-    return float(values.mean()), float(values.std(ddof=1)) if values.size > 1 else math.nan
-
-
-def write_report(out: Path, rc: ReproduceConfig, results: dict, failures: dict,
-                 label_names) -> Path:
-    """Writes report.md, per_subject.csv, convergence.png and dice_by_structure.png."""
-    from scipy.stats import wilcoxon
-
-    arms = [a for a in rc.arms if a in results]
-    # per arm: {(subject, label): row}
-    rows = {a: {(r["subject"], int(r["label"])): r for r in results[a]["rows"]} for a in arms}
-
-    # structures sorted by size: mean ground-truth voxel fraction over the test subjects
-    size = {}
-    for arm in arms:
-        for (subject, label), r in rows[arm].items():
-            size.setdefault(label, []).append(float(r.get("truth_fraction", math.nan)))
-        break
-    structures = sorted(size, key=lambda k: -np.nanmean(size[k]))
-    smallest = structures[-max(1, len(structures) // 3):] if structures else []
-
-    def dice_of(arm, label):
-        return [r["dice"] for (s, l), r in sorted(rows[arm].items()) if l == label]
-
-    lines = [f"# Loss comparison: {rc.name}", ""]
-    lines.append("Dice (mean ± SD over test subjects) per structure; rows sorted by size "
-                 "(mean voxel fraction of the test volumes), best per row in **bold**.")
-    lines.append("")
-    header = "| structure | fraction | " + " | ".join(arms) + " |"
-    lines += [header, "|" + "---|" * (len(arms) + 2)]
-    for label in structures:
-        stats = {a: _mean_sd(dice_of(a, label)) for a in arms}
-        best = max((m for m, _ in stats.values() if not math.isnan(m)), default=math.nan)
-        cells = []
-        for a in arms:
-            m, sd = stats[a]
-            text = "n/a" if math.isnan(m) else f"{m:.3f} ± {0 if math.isnan(sd) else sd:.3f}"
-            cells.append(f"**{text}**" if not math.isnan(m) and m == best else text)
-        name = label_names[label] if label < len(label_names) else str(label)
-        lines.append(f"| {name} | {np.nanmean(size[label]) * 100:.3f}% | " + " | ".join(cells)
-                     + " |")
-
-    def all_dice(arm, labels):
-        return [r["dice"] for (s, l), r in sorted(rows[arm].items()) if l in labels]
-
-    lines += ["", "## Summary per loss", "",
-              "| loss | mean Dice | smallest third | mean HD95 (mm) | p vs "
-              f"{rc.reference_arm} | s / epoch | s / 128³ inference |",
-              "|---|---|---|---|---|---|---|"]
-    ref = rc.reference_arm
-    for a in arms:
-        mean_all = _mean_sd(all_dice(a, structures))[0]
-        mean_small = _mean_sd(all_dice(a, smallest))[0]
-        hd = _mean_sd([r.get("hd95_mm", math.nan) for r in rows[a].values()])[0]
-        if a != ref and ref in rows:
-            x = np.array(all_dice(ref, structures), float)
-            y = np.array(all_dice(a, structures), float)
-            ok = ~(np.isnan(x) | np.isnan(y))
+    results: dict = {name: {} for name in selected}
+    failures: dict = {}
+    for k, (training, test) in enumerate(splits):
+        dataset = Path(first.resolve(first.data.dataset)).resolve()
+        if k > 0:
+            dataset = write_split_dataset(manifest, training, test,
+                                          out / "splits" / f"split_{k}" / "dataset.json")
+        split_overrides = [*overrides, f"data.dataset={dataset}", f"data.cache_dir={cache}"]
+        for name in selected:
+            print(f"[reproduce] split {k}, arm {name}", flush=True)
+            run_dir = out / "runs" / f"split_{k}" / name
             try:
-                p = wilcoxon(x[ok], y[ok]).pvalue if ok.sum() and np.any(x[ok] != y[ok]) \
-                    else math.nan
-            except ValueError:
-                p = math.nan
-            p_text = "n/a" if math.isnan(p) else f"{p:.2g}"
-        else:
-            p_text = "—"
-        lines.append(f"| {a} | {mean_all:.3f} | {mean_small:.3f} | {hd:.2f} | {p_text} | "
-                     f"{results[a]['epoch_seconds']:.1f} | "
-                     f"{results[a]['inference_seconds_per_128cube']:.2f} |")
-    lines += ["", "p: two-sided Wilcoxon signed-rank test over paired (subject, structure) "
-              "Dice values against the reference arm. Smallest third: the third of the "
-              f"structures with the smallest mean voxel fraction ({len(smallest)} structures).",
-              ""]
-    if failures:
-        lines += ["## Failed arms", ""]
-        lines += [f"- {a}: {msg}" for a, msg in failures.items()]
-        lines.append("")
-    _atomic_bytes(out / "report.md", "\n".join(lines).encode())
-
-    buf = io.StringIO()
-    columns = ["arm", "subject", "label", "structure", "dice", "hd95_mm", "assd_mm",
-               "truth_fraction"]
-    writer = csv.DictWriter(buf, fieldnames=columns, extrasaction="ignore")
-    writer.writeheader()
-    for a in arms:
-        for (subject, label), r in sorted(rows[a].items()):
-            writer.writerow({**r, "arm": a, "subject": subject, "label": label,
-                             "structure": label_names[label] if label < len(label_names)
-                             else str(label)})
-    _atomic_bytes(out / "per_subject.csv", buf.getvalue().encode())
-    _plots(out, arms, results, rows, structures, label_names, dice_of)
-    return out / "report.md"
-
-
-def _plots(out, arms, results, rows, structures, label_names, dice_of):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for a in arms:
-        curve = results[a]["history"].get("val_dice")
-        if curve:
-            ax.plot(range(1, len(curve) + 1), curve, label=a)
-    ax.set_xlabel("epoch")
-    ax.set_ylabel("validation mean Dice")
-    _finish_figure(plt, fig, ax, out / "convergence.png")
-
-    fig, ax = plt.subplots(figsize=(max(7, 0.45 * len(structures) + 2), 4.5))
-    x = np.arange(len(structures))
-    for a in arms:
-        ax.plot(x, [_mean_sd(dice_of(a, s))[0] for s in structures], marker="o", label=a)
-    ax.set_xticks(x)
-    ax.set_xticklabels([label_names[s] if s < len(label_names) else str(s)
-                        for s in structures], rotation=60, ha="right", fontsize=8)
-    ax.set_ylabel("mean Dice (test)")
-    ax.set_xlabel("structure (largest to smallest)")
-    _finish_figure(plt, fig, ax, out / "dice_by_structure.png")
-
-
-def _finish_figure(plt, fig, ax, path: Path) -> None:
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
-    plt.close(fig)
-    _atomic_bytes(path, buf.getvalue())
+                config = _arm_train_config(rc, base_dir, name, rc.arms[name], split_overrides)
+                summary = run_arm(config, run_dir, test, label_names, manifest.label_map,
+                                  manifest.unknown_labels)
+                summary["validation_every"] = config.train.validation_every
+                results[name][k] = summary
+            except Exception as err:  # one failed run is reported, not fatal
+                failures[(name, k)] = f"{type(err).__name__}: {err}"
+                print(f"[reproduce] split {k}, arm {name} FAILED: {failures[(name, k)]}",
+                      flush=True)
+                run_dir.parent.mkdir(parents=True, exist_ok=True)
+                atomic_write(run_dir.parent / f"{name}.error.txt", traceback.format_exc())
+    forward = None
+    reference = rc.reference_arm if results.get(rc.reference_arm) else next(
+        (a for a in selected if results[a]), None)
+    if reference is not None:
+        split = min(results[reference])
+        forward = forward_seconds_128(out / "runs" / f"split_{split}" / reference)
+    split_info = [{"training": len(tr), "test": len(te), "subjects": [e.id for e in te]}
+                  for tr, te in splits]
+    return write_report(out, rc, results, failures, label_names, split_info, forward,
+                        machine_description())
 
 
 # --------------------------------------------------------------------------------------
@@ -448,11 +417,13 @@ def demo(tiny: bool = False, root: str | Path | None = None) -> dict:
 
     manifest = load_manifest(config)
     evaluation, _, _ = segment_and_evaluate(result.run_dir, manifest.entries("test"),
-                                            manifest.label_names, progress=True)
+                                            manifest.label_names, progress=True,
+                                            label_map=manifest.label_map,
+                                            unknown_labels=manifest.unknown_labels)
     report_dir = root / "reports" / result.run_dir.parent.name / result.run_dir.name
     report_dir.mkdir(parents=True, exist_ok=True)
     report = report_dir / "report.md"
-    _atomic_bytes(report, format_report(evaluation, title=f"Demo: {config.name}").encode())
+    atomic_write(report, format_report(evaluation, title=f"Demo: {config.name}"))
 
     print("[demo] 4/4 exporting a SavedModel for TF Serving", flush=True)
     exported = export_saved_model(result.run_dir, root / "saved_models", config.name)
