@@ -106,3 +106,56 @@ def test_bad_input_gives_one_clear_line(tmp_path, capsys):
     assert cli.main(["train", "--config", str(tmp_path / "bad.yaml")]) == 2
     err = capsys.readouterr().err
     assert "bad.yaml" in err and "train.epochs" in err
+
+
+@pytest.mark.parametrize("raised, status, words", [
+    (lambda: __import__("tf_explog.errors").errors.InputError("data.json: field 'x'"), 2,
+     ["data.json: field 'x'"]),
+    (lambda: FileExistsError("out.nii.gz exists"), 2, ["out.nii.gz exists"]),
+    (lambda: __import__("tf_explog.errors").errors.NonFiniteError("loss NaN at epoch 3"), 1,
+     ["loss NaN at epoch 3"]),
+    # A plain ValueError is not bad input the package recognised: a bug, said as such.
+    (lambda: ValueError("operands could not be broadcast"), 3, ["internal error", "--debug"]),
+    (lambda: KeyError("segmentation"), 3, ["internal error", "KeyError", "--debug"]),
+])
+def test_cli_failures_are_one_line_with_the_right_status(monkeypatch, capsys, raised, status,
+                                                         words):
+    def boom(args):
+        raise raised()
+
+    monkeypatch.setattr(cli, "cmd_export", boom)
+    assert cli.main(["export", "--run", "r"]) == status
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("tf-explog export: error: "), err
+    for word in words:
+        assert word in err
+    # --debug (before or after the subcommand) lets the exception through with its traceback
+    if status != 1:
+        for argv in (["--debug", "export", "--run", "r"], ["export", "--run", "r", "--debug"]):
+            with pytest.raises(type(raised())):
+                cli.main(argv)
+
+
+def test_every_package_exception_derives_from_one_base():
+    import importlib
+    import inspect
+    import pkgutil
+
+    import tf_explog
+    from tf_explog.errors import InputError, TfExplogError
+
+    found = {}
+    for info in pkgutil.walk_packages(tf_explog.__path__, "tf_explog."):
+        module = importlib.import_module(info.name)
+        for name, obj in vars(module).items():
+            if (inspect.isclass(obj) and issubclass(obj, BaseException)
+                    and obj.__module__.startswith("tf_explog")):
+                found[f"{obj.__module__}.{name}"] = obj
+    assert len(found) >= 12, sorted(found)
+    outside = [name for name, cls in found.items() if not issubclass(cls, TfExplogError)]
+    assert not outside
+    # bad-input errors are also ValueErrors, as before, so callers catching those still work
+    for name in ("ConfigError", "ManifestError", "NiftiError", "InferenceError", "ExportError",
+                 "EvaluationError", "CacheError", "LabelError"):
+        cls = next(c for n, c in found.items() if n.endswith("." + name))
+        assert issubclass(cls, InputError) and issubclass(cls, ValueError), name

@@ -34,6 +34,7 @@ from typing import Any
 
 import keras
 from keras import ops
+from tf_explog.errors import InputError
 
 __all__ = ["RandomAffine3D", "random_affine_3d", "apply_affine_3d", "affine_matrices_3d"]
 
@@ -58,14 +59,14 @@ def _range(name: str, value: Any, symmetric: bool, lower: float | None = None
             lo, hi = (float(v) for v in value)
     except (TypeError, ValueError):
         what = "a number ≥ 0 or a (low, high) pair" if symmetric else "a (low, high) pair"
-        raise ValueError(f"RandomAffine3D: argument '{name}' must be {what}, got {value!r}"
+        raise InputError(f"RandomAffine3D: argument '{name}' must be {what}, got {value!r}"
                          ) from None
     if not (math.isfinite(lo) and math.isfinite(hi) and lo <= hi):
-        raise ValueError(
+        raise InputError(
             f"RandomAffine3D: argument '{name}' must be finite with low ≤ high, got {value!r}"
         )
     if lower is not None and lo <= lower:
-        raise ValueError(f"RandomAffine3D: argument '{name}' must be > {lower}, got {value!r}")
+        raise InputError(f"RandomAffine3D: argument '{name}' must be > {lower}, got {value!r}")
     return lo, hi
 
 
@@ -81,7 +82,7 @@ def _axes(value: Any) -> tuple[int, ...]:
     if axes is None or not all(
         isinstance(a, int) and not isinstance(a, bool) and a in (0, 1, 2) for a in axes
     ) or len(set(axes)) != len(axes):
-        raise ValueError(
+        raise InputError(
             "RandomAffine3D: argument 'rotation_axes' must be distinct spatial axes from "
             f"(0, 1, 2) or 'all', got {value!r}"
         )
@@ -95,12 +96,12 @@ def _check_args(rotation, rotation_axes, shift, zoom, probability, interpolation
     zm = _range("zoom", zoom, symmetric=False, lower=0.0)
     if (isinstance(probability, bool) or not isinstance(probability, (int, float))
             or not 0.0 <= probability <= 1.0):
-        raise ValueError(
+        raise InputError(
             f"RandomAffine3D: argument 'probability' must be a number in [0, 1], "
             f"got {probability!r}"
         )
     if interpolation not in _INTERPOLATIONS:
-        raise ValueError(
+        raise InputError(
             f"RandomAffine3D: argument 'interpolation' must be one of {_INTERPOLATIONS}, "
             f"got {interpolation!r}"
         )
@@ -237,7 +238,7 @@ def _as_batched(image, labels):
     image = ops.convert_to_tensor(image)
     rank = len(image.shape)
     if rank not in (4, 5):
-        raise ValueError(
+        raise InputError(
             "RandomAffine3D: 'image' must be [B, D, H, W, C] or [D, H, W, C], "
             f"got shape {tuple(image.shape)}"
         )
@@ -248,7 +249,7 @@ def _as_batched(image, labels):
         labels = ops.convert_to_tensor(labels)
         lrank = len(labels.shape) + (0 if batched else 1)
         if lrank not in (4, 5) or (lrank == 5 and labels.shape[-1] not in (1, None)):
-            raise ValueError(
+            raise InputError(
                 "RandomAffine3D: 'labels' must be [B, D, H, W] or [B, D, H, W, 1] "
                 f"(without B for a single volume), got shape {tuple(labels.shape)}"
             )
@@ -256,7 +257,7 @@ def _as_batched(image, labels):
             labels = labels[None]
         for a, (si, sl) in enumerate(zip(image.shape[:4], labels.shape[:4])):
             if si is not None and sl is not None and si != sl:
-                raise ValueError(
+                raise InputError(
                     "RandomAffine3D: 'image' and 'labels' must share batch and spatial "
                     f"shape, got {tuple(image.shape)} and {tuple(labels.shape)}"
                 )
@@ -283,7 +284,7 @@ def apply_affine_3d(image, labels, inverse_matrix, offset, interpolation="linear
         mapped outside the input get ``fill_value`` (image) and 0 = background (labels).
     """
     if interpolation not in _INTERPOLATIONS:
-        raise ValueError(
+        raise InputError(
             f"apply_affine_3d: argument 'interpolation' must be one of {_INTERPOLATIONS}, "
             f"got {interpolation!r}"
         )
@@ -312,7 +313,7 @@ def _fill(image, fill_value):
     """``[B, 1, 1, 1, C]`` float32 fill values for a batched image."""
     if isinstance(fill_value, str):
         if fill_value != "minimum":
-            raise ValueError(f"RandomAffine3D: argument 'fill_value' must be a number, per-"
+            raise InputError(f"RandomAffine3D: argument 'fill_value' must be a number, per-"
                              f"element values or 'minimum', got {fill_value!r}")
         return ops.min(ops.cast(image, "float32"), axis=(1, 2, 3), keepdims=True)
     fill = ops.cast(ops.convert_to_tensor(fill_value), "float32")
@@ -324,12 +325,12 @@ def _fill(image, fill_value):
 def _check_fill(fill_value):
     if isinstance(fill_value, str):
         if fill_value != "minimum":
-            raise ValueError(f"RandomAffine3D: argument 'fill_value' must be a number or "
+            raise InputError(f"RandomAffine3D: argument 'fill_value' must be a number or "
                              f"'minimum', got {fill_value!r}")
         return fill_value
     if isinstance(fill_value, bool) or not isinstance(fill_value, (int, float)) or not (
             math.isfinite(fill_value)):
-        raise ValueError(f"RandomAffine3D: argument 'fill_value' must be a finite number or "
+        raise InputError(f"RandomAffine3D: argument 'fill_value' must be a finite number or "
                          f"'minimum', got {fill_value!r}")
     return float(fill_value)
 
@@ -345,7 +346,7 @@ def _draw_keys(seed, n):
         return [seed] * n
     if isinstance(seed, int) and not isinstance(seed, bool):
         return [(seed * n + k) & 0x7FFFFFFF for k in range(n)]
-    raise ValueError(
+    raise InputError(
         "random_affine_3d: argument 'seed' must be an int, a keras.random.SeedGenerator "
         f"or None, got {seed!r}"
     )
@@ -468,7 +469,7 @@ class RandomAffine3D(keras.layers.Layer):
         self._args = _check_args(rotation, rotation_axes, shift, zoom, probability,
                                  interpolation)
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-            raise ValueError(f"RandomAffine3D: argument 'seed' must be an int or None, "
+            raise InputError(f"RandomAffine3D: argument 'seed' must be an int or None, "
                              f"got {seed!r}")
         self.rotation = rotation if isinstance(rotation, (int, float)) else list(rotation)
         self.rotation_axes = list(self._args[1])
@@ -488,7 +489,7 @@ class RandomAffine3D(keras.layers.Layer):
         paired = isinstance(inputs, (tuple, list))
         if paired:
             if len(inputs) != 2:
-                raise ValueError(
+                raise InputError(
                     f"RandomAffine3D: inputs must be image or (image, labels), got a "
                     f"sequence of {len(inputs)}"
                 )

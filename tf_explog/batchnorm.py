@@ -42,6 +42,7 @@ from typing import Any, Callable, Iterable, Iterator, Optional, Union
 import keras
 import numpy as np
 from keras import ops
+from tf_explog.errors import InputError
 
 __all__ = [
     "batchnorm_layers",
@@ -285,10 +286,10 @@ def recalibrate_batchnorm(
             statistics (the model produces NaN/Inf on these batches).
     """
     if isinstance(passes, bool) or not isinstance(passes, int) or passes < 1:
-        raise ValueError(f"recalibrate_batchnorm: passes must be an integer >= 1, got {passes!r}")
+        raise InputError(f"recalibrate_batchnorm: passes must be an integer >= 1, got {passes!r}")
     if max_batches is not None and (isinstance(max_batches, bool)
                                     or not isinstance(max_batches, int) or max_batches < 1):
-        raise ValueError(f"recalibrate_batchnorm: max_batches must be an integer >= 1 or None, "
+        raise InputError(f"recalibrate_batchnorm: max_batches must be an integer >= 1 or None, "
                          f"got {max_batches!r}")
     layers = batchnorm_layers(model)
     start = time.perf_counter()
@@ -308,14 +309,14 @@ def recalibrate_batchnorm(
             n_batches += 1
             voxels += int(np.prod(tuple(image.shape)[:-1]))
         if n_batches == 0:
-            raise ValueError("recalibrate_batchnorm: the batches are empty (nothing to "
+            raise InputError("recalibrate_batchnorm: the batches are empty (nothing to "
                              "estimate the statistics from)")
         for layer, m in zip(layers, moments):
             if m.n == 0:  # not on the path of the model's outputs
                 continue
             mean, variance = m.mean, m.variance
             if not (np.all(np.isfinite(mean)) and np.all(np.isfinite(variance))):
-                raise ValueError(
+                raise InputError(
                     f"recalibrate_batchnorm: layer {layer.path!r} received non-finite "
                     "activations; the model produces NaN/Inf on these batches")
             layer.moving_mean.assign(mean.astype(np.float32))
@@ -343,7 +344,7 @@ class BatchNormRecalibration(keras.callbacks.Callback):
                  max_batches: Optional[int] = None, verbose: bool = False) -> None:
         super().__init__()
         if isinstance(every, bool) or not isinstance(every, int) or every < 1:
-            raise ValueError(f"BatchNormRecalibration: every must be an integer >= 1, "
+            raise InputError(f"BatchNormRecalibration: every must be an integer >= 1, "
                              f"got {every!r}")
         self.batches = batches
         self.every = every

@@ -23,7 +23,7 @@ from typing import Any, Callable, Iterable, Optional, Sequence, Union
 import keras
 import numpy as np
 
-from tf_explog.errors import NonFiniteError
+from tf_explog.errors import InputError, NonFiniteError
 from tf_explog.metrics import _log_key
 
 __all__ = [
@@ -192,7 +192,7 @@ def validate_volumes(
             losses.append(_as_float(value))
         n += 1
     if n == 0:
-        raise ValueError("validate_volumes: no validation volumes")
+        raise InputError("validate_volumes: no validation volumes")
     mean, per_label = dice_from_counts(tp, pred_sum, true_sum)
     return {"dice": mean, "dice_per_label": per_label.tolist(),
             "loss": float(np.mean(losses)) if losses else None, "volumes": n}
@@ -232,13 +232,13 @@ class InferenceValidation(keras.callbacks.Callback):
                  prefix: str = "val_", eager: bool = False) -> None:
         super().__init__()
         if isinstance(every, bool) or not isinstance(every, int) or every < 1:
-            raise ValueError(f"InferenceValidation: every must be an integer >= 1, got {every!r}")
+            raise InputError(f"InferenceValidation: every must be an integer >= 1, got {every!r}")
         self.volumes = volumes
         self.num_classes = int(num_classes)
         names = list(label_names) if label_names is not None else [
             str(i) for i in range(self.num_classes)]
         if len(names) != self.num_classes:
-            raise ValueError(f"InferenceValidation: {len(names)} label names for "
+            raise InputError(f"InferenceValidation: {len(names)} label names for "
                              f"{self.num_classes} classes")
         self.keys = [_log_key(name) for name in names]
         self.window, self.overlap, self.tta, self.loss = window, overlap, tta, loss

@@ -39,16 +39,16 @@ def cmd_synth(args) -> int:
 
 def cmd_train(args) -> int:
     from tf_explog.config import load_config
+    from tf_explog.errors import InputError
     from tf_explog.training import train
 
     if args.resume:
         if args.config or args.set:
-            raise SystemExit("tf-explog train: --resume takes the run's own config; "
-                             "drop --config/--set.")
+            raise InputError("--resume takes the run's own config; drop --config/--set.")
         result = train(None, resume=args.resume)
     else:
         if not args.config:
-            raise SystemExit("tf-explog train: --config FILE (or --resume RUN_DIR) is required.")
+            raise InputError("--config FILE (or --resume RUN_DIR) is required.")
         result = train(load_config(args.config, args.set))
     print(f"run directory: {result.run_dir}")
     print(f"best checkpoint: {result.best_checkpoint}")
@@ -105,9 +105,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="tf-explog",
         description="3D segmentation with the exponential logarithmic loss (Wong et al. 2018).")
+    parser.add_argument("--debug", action="store_true",
+                        help="show the Python traceback of any error")
+    # Also accepted after the subcommand; SUPPRESS keeps the main parser's value otherwise.
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                        help="show the Python traceback of any error")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("synth", help="write the synthetic brain-like benchmark (MSD layout)")
+    p = sub.add_parser("synth", parents=[common],
+                       help="write the synthetic brain-like benchmark (MSD layout)")
     p.add_argument("--out", required=True)
     p.add_argument("--subjects", type=int, default=12)
     p.add_argument("--test-subjects", type=int, default=None)
@@ -117,14 +124,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=cmd_synth)
 
-    p = sub.add_parser("train", help="train from a YAML config, or resume a run")
+    p = sub.add_parser("train", parents=[common],
+                       help="train from a YAML config, or resume a run")
     p.add_argument("--config")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value, e.g. --set train.epochs=3")
     p.add_argument("--resume", metavar="RUN_DIR")
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("predict", help="segment NIfTI files with a trained model")
+    p = sub.add_parser("predict", parents=[common],
+                       help="segment NIfTI files with a trained model")
     p.add_argument("--model", required=True, help="run directory or .keras file")
     p.add_argument("--input", required=True, help="a NIfTI file or a directory of them")
     p.add_argument("--output", required=True)
@@ -137,7 +146,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "it lists) or class indices")
     p.set_defaults(func=cmd_predict)
 
-    p = sub.add_parser("evaluate", help="per-structure Dice, HD95, ASSD (mm)")
+    p = sub.add_parser("evaluate", parents=[common],
+                       help="per-structure Dice, HD95, ASSD (mm)")
     p.add_argument("--pred", required=True)
     p.add_argument("--truth", required=True, help="a directory or an MSD dataset.json")
     p.add_argument("--out", required=True)
@@ -151,40 +161,69 @@ def build_parser() -> argparse.ArgumentParser:
                    help="what the predictions hold (see predict --ids)")
     p.set_defaults(func=cmd_evaluate)
 
-    p = sub.add_parser("export", help="SavedModel for TF Serving: BASE/NAME/VERSION/")
+    p = sub.add_parser("export", parents=[common],
+                       help="SavedModel for TF Serving: BASE/NAME/VERSION/")
     p.add_argument("--run", required=True)
     p.add_argument("--name", default=None)
     p.add_argument("--base", default="saved_models")
     p.add_argument("--version", type=int, default=None)
     p.set_defaults(func=cmd_export)
 
-    p = sub.add_parser("reproduce", help="the paper's loss comparison")
+    p = sub.add_parser("reproduce", parents=[common],
+                       help="the paper's loss comparison")
     p.add_argument("--config", required=True)
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--out", default=None, help="report directory")
     p.set_defaults(func=cmd_reproduce)
 
-    p = sub.add_parser("demo", help="synthesise, train, evaluate and export on a CPU budget")
+    p = sub.add_parser("demo", parents=[common],
+                       help="synthesise, train, evaluate and export on a CPU budget")
     p.add_argument("--tiny", action="store_true", help="a seconds-long version (tests)")
     p.set_defaults(func=cmd_demo)
     return parser
 
 
+#: Exit statuses: 0 done, 1 training diverged (NaN/Inf), 2 bad input, 3 internal error.
+EXIT_NON_FINITE, EXIT_BAD_INPUT, EXIT_INTERNAL, EXIT_INTERRUPTED = 1, 2, 3, 130
+
+# Errors of the operating system about a path the user gave (missing input, existing output,
+# a file where a folder was expected): bad input, whatever module raised them.
+_PATH_ERRORS = (FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError,
+                PermissionError)
+
+
 def main(argv=None) -> int:
+    """Runs one subcommand; returns its exit status (see ``EXIT_*``).
+
+    Every failure is one line ``tf-explog <command>: error: ...`` on stderr. Bad input (any
+    `tf_explog.errors.InputError`, or a path the system refuses) exits 2; a diverged training
+    exits 1; anything else is a bug in tf_explog: exit 3, and ``--debug`` shows its traceback.
+    """
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     args = build_parser().parse_args(argv)
-    from tf_explog.errors import NonFiniteError
+    from tf_explog.errors import InputError, NonFiniteError
+
+    def fail(message: str, status: int) -> int:
+        print(f"tf-explog {args.command}: error: {message}", file=sys.stderr)
+        return status
 
     try:
         return args.func(args)
     except NonFiniteError as err:
         # Training diverged: one line, a failure status, and nothing NaN was kept.
-        print(f"tf-explog {args.command}: error: {err}", file=sys.stderr)
-        return 1
-    except (ValueError, FileNotFoundError, FileExistsError) as err:
-        # Bad input: one clear line (the message names the file and field), no traceback.
-        print(f"tf-explog {args.command}: error: {err}", file=sys.stderr)
-        return 2
+        return fail(str(err), EXIT_NON_FINITE)
+    except (InputError, *_PATH_ERRORS) as err:
+        if args.debug:
+            raise
+        # The message names the file or field and what was expected.
+        return fail(str(err), EXIT_BAD_INPUT)
+    except KeyboardInterrupt:
+        return fail("interrupted", EXIT_INTERRUPTED)
+    except Exception as err:  # a bug: say so, keep the traceback for --debug
+        if args.debug:
+            raise
+        return fail(f"internal error ({type(err).__name__}: {err}); this is a bug in "
+                    "tf_explog, run again with --debug for the traceback", EXIT_INTERNAL)
 
 
 if __name__ == "__main__":

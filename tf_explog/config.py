@@ -16,9 +16,10 @@ from pathlib import Path
 from typing import Any, Optional, Union
 
 import yaml
+from tf_explog.errors import InputError
 
 
-class ConfigError(ValueError):
+class ConfigError(InputError):
     """A configuration value is missing, unknown, of the wrong type or out of range."""
 
 

@@ -28,7 +28,7 @@ from tf_explog.batchnorm import recalibrate_batchnorm
 from tf_explog.callbacks import (NonFiniteGuard, eager_predict, read_metrics_csv,
                                  validate_volumes, write_metrics_csv)
 from tf_explog.data.core import clean_batches, split_volumes
-from tf_explog.errors import NonFiniteError
+from tf_explog.errors import InputError, NonFiniteError
 from tf_explog.metrics import _log_key
 
 
@@ -66,7 +66,7 @@ def train_multi_worker(config, run_dir: Path, fresh: bool = True):
     window = b.patch_window(config)
     recalibration = clean_batches(train_volumes, window)
     if config.model.aux_outputs:
-        raise ValueError("train.strategy=multi_worker supports model.aux_outputs=0 only.")
+        raise InputError("train.strategy=multi_worker supports model.aux_outputs=0 only.")
 
     with strategy.scope():
         model = b.build_from_config(config, len(label_names), manifest.num_channels)

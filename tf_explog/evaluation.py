@@ -50,6 +50,7 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 from scipy import ndimage
+from tf_explog.errors import InputError
 
 __all__ = [
     "EvaluationError",
@@ -120,7 +121,7 @@ OUTPUT_FILES = {
 _NIFTI_SUFFIXES = (".nii.gz", ".nii")
 
 
-class EvaluationError(ValueError):
+class EvaluationError(InputError):
     """Bad evaluation input: mismatched grids, unmatched files, invalid label volumes."""
 
 

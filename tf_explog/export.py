@@ -51,6 +51,7 @@ from typing import Any, Mapping, Optional, Sequence, Union
 import keras
 import numpy as np
 import tensorflow as tf
+from tf_explog.errors import InputError
 
 __all__ = [
     "export_saved_model",
@@ -78,7 +79,7 @@ _UNSET = object()
 PathLike = Union[str, os.PathLike]
 
 
-class ExportError(ValueError):
+class ExportError(InputError):
     """A model, run directory or export option is unusable; the message names it."""
 
 
@@ -215,23 +216,23 @@ def predict_request_json(image: Any, signature: str = SIGNATURE) -> str:
         ValueError: wrong rank, non-numeric or non-finite values, an empty signature name.
     """
     if not isinstance(signature, str) or not signature:
-        raise ValueError(f"signature: expected a non-empty string, got {signature!r}")
+        raise InputError(f"signature: expected a non-empty string, got {signature!r}")
     arr = np.asarray(image)
     if arr.dtype == np.bool_ or not (np.issubdtype(arr.dtype, np.integer)
                                      or np.issubdtype(arr.dtype, np.floating)):
-        raise ValueError(f"image: expected real numbers, got dtype {arr.dtype}")
+        raise InputError(f"image: expected real numbers, got dtype {arr.dtype}")
     if arr.ndim == 3:
         arr = arr[..., np.newaxis]
     if arr.ndim == 4:
         arr = arr[np.newaxis]
     if arr.ndim != 5 or 0 in arr.shape:
-        raise ValueError(
+        raise InputError(
             "image: expected [D, H, W], [D, H, W, C] or [B, D, H, W, C] with no empty axis, "
             f"got shape {np.shape(image)}"
         )
     arr = arr.astype(np.float32)
     if not np.all(np.isfinite(arr)):
-        raise ValueError("image: contains NaN or Inf, which JSON cannot carry")
+        raise InputError("image: contains NaN or Inf, which JSON cannot carry")
     body = {"signature_name": signature, "instances": [{"image": vol.tolist()} for vol in arr]}
     return json.dumps(body, separators=(",", ":"))
 
@@ -345,7 +346,7 @@ def normalize_graph(x: tf.Tensor, inside: tf.Tensor, normalization: Optional[str
         The normalised ``x``, same dtype.
     """
     if normalization not in (None, "zscore", "zscore_nonzero"):
-        raise ValueError(
+        raise InputError(
             f"normalization: expected 'zscore', 'zscore_nonzero' or None, got {normalization!r}"
         )
     if normalization is None and clip_percentiles is None:

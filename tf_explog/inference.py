@@ -43,6 +43,7 @@ from tf_explog.data.nifti import (
 )
 from tf_explog.data.core import pad_end
 from tf_explog.data.preprocess import Preprocessor, invert_labels, invert_probabilities
+from tf_explog.errors import InputError
 
 __all__ = [
     "InferenceError",
@@ -66,7 +67,7 @@ PROBABILITIES_SUFFIX = "_probabilities.nii.gz"
 _NIFTI_SUFFIXES = (".nii.gz", ".nii")
 
 
-class InferenceError(ValueError):
+class InferenceError(InputError):
     """Bad input to inference (model, image or file); the message names the culprit."""
 
 
@@ -94,9 +95,9 @@ def window_starts(size: int, window: int, overlap: float) -> list:
         Sorted list of start offsets.
     """
     if window > size:
-        raise ValueError(f"window: {window} is larger than the axis size {size}")
+        raise InputError(f"window: {window} is larger than the axis size {size}")
     if not 0.0 <= overlap < 1.0:
-        raise ValueError(f"overlap: expected a fraction in [0, 1), got {overlap!r}")
+        raise InputError(f"overlap: expected a fraction in [0, 1), got {overlap!r}")
     if size == window:
         return [0]
     step = window * (1.0 - overlap)
@@ -122,7 +123,7 @@ def gaussian_importance_map(
         float32 ``[d, h, w]``.
     """
     if not sigma_scale > 0:
-        raise ValueError(f"gaussian_sigma: expected a positive number, got {sigma_scale!r}")
+        raise InputError(f"gaussian_sigma: expected a positive number, got {sigma_scale!r}")
     g = np.ones((), dtype=np.float64)
     for n in window:
         i = np.arange(int(n), dtype=np.float64)

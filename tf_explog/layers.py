@@ -16,6 +16,7 @@ from typing import Any
 
 import keras
 from keras import layers, ops
+from tf_explog.errors import InputError
 
 __all__ = ["Block"]
 
@@ -23,7 +24,7 @@ __all__ = ["Block"]
 def _positive_int(value: Any, what: str) -> int:
     """Return ``value`` as an int if it is a positive integer, else raise ValueError."""
     if isinstance(value, bool) or not isinstance(value, Integral) or value < 1:
-        raise ValueError(f"Block: {what} must be a positive integer, got {value!r}")
+        raise InputError(f"Block: {what} must be a positive integer, got {value!r}")
     return int(value)
 
 
@@ -68,9 +69,9 @@ class Block(layers.Layer):
         self.depth = _positive_int(depth, "depth")
         self.kernel_size = _positive_int(kernel_size, "kernel_size")
         if not 0.0 <= float(bn_momentum) < 1.0:
-            raise ValueError(f"Block: bn_momentum must be in [0, 1), got {bn_momentum!r}")
+            raise InputError(f"Block: bn_momentum must be in [0, 1), got {bn_momentum!r}")
         if not float(bn_epsilon) > 0.0:
-            raise ValueError(f"Block: bn_epsilon must be > 0, got {bn_epsilon!r}")
+            raise InputError(f"Block: bn_epsilon must be > 0, got {bn_epsilon!r}")
         self.use_bias = bool(use_bias)
         self.kernel_initializer = keras.initializers.get(kernel_initializer)
         self.bn_momentum = float(bn_momentum)
@@ -98,7 +99,7 @@ class Block(layers.Layer):
     def build(self, input_shape: tuple) -> None:
         """Create the sublayers' weights for an input of shape ``[B, D, H, W, C]``."""
         if len(input_shape) != 5 or input_shape[-1] is None:
-            raise ValueError(
+            raise InputError(
                 f"Block {self.name!r}: expected input shape [B, D, H, W, C] with a known "
                 f"channel count, got {tuple(input_shape)!r}"
             )

@@ -26,6 +26,7 @@ from typing import Sequence
 import keras
 import numpy as np
 from keras import ops
+from tf_explog.errors import InputError
 
 __all__ = [
     "class_weights_from_frequencies",
@@ -58,16 +59,16 @@ def _check_non_negative(name: str, value: float) -> float:
     try:
         value = float(value)
     except (TypeError, ValueError):
-        raise ValueError(f"`{name}` must be a number >= 0; got {value!r}.") from None
+        raise InputError(f"`{name}` must be a number >= 0; got {value!r}.") from None
     if not math.isfinite(value) or value < 0:
-        raise ValueError(f"`{name}` must be a finite number >= 0; got {value!r}.")
+        raise InputError(f"`{name}` must be a finite number >= 0; got {value!r}.")
     return value
 
 
 def _check_positive(name: str, value: float) -> float:
     value = _check_non_negative(name, value)
     if value == 0:
-        raise ValueError(
+        raise InputError(
             f"`{name}` must be > 0: it keeps Dice defined (0/0) for labels absent from "
             f"both prediction and labels; got {value!r}."
         )
@@ -76,7 +77,7 @@ def _check_positive(name: str, value: float) -> float:
 
 def _check_factor(value) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise ValueError(f"`downsample_labels` must be an integer >= 1; got {value!r}.")
+        raise InputError(f"`downsample_labels` must be an integer >= 1; got {value!r}.")
     return int(value)
 
 
@@ -85,12 +86,12 @@ def _check_class_weights(class_weights) -> list[float] | None:
         return None
     weights = np.asarray(class_weights, dtype="float64")
     if weights.ndim != 1 or weights.size == 0:
-        raise ValueError(
+        raise InputError(
             "`class_weights` must be a 1-D sequence with one weight per label; "
             f"got shape {weights.shape}."
         )
     if not np.all(np.isfinite(weights)) or np.any(weights < 0):
-        raise ValueError(
+        raise InputError(
             f"`class_weights` must be finite and >= 0; got {weights.tolist()}."
         )
     return [float(w) for w in weights]
@@ -120,16 +121,16 @@ def class_weights_from_frequencies(frequencies: Sequence[float]) -> list[float]:
     """
     freqs = np.asarray(frequencies, dtype="float64")
     if freqs.ndim != 1 or freqs.size == 0:
-        raise ValueError(
+        raise InputError(
             f"`frequencies` must be a 1-D sequence, one per label; got shape {freqs.shape}."
         )
     if not np.all(np.isfinite(freqs)) or np.any(freqs < 0):
-        raise ValueError(
+        raise InputError(
             f"`frequencies` must be finite and >= 0; got {freqs.tolist()}."
         )
     total = freqs.sum()
     if total <= 0:
-        raise ValueError("`frequencies` are all zero: no label was counted.")
+        raise InputError("`frequencies` are all zero: no label was counted.")
     present = freqs > 0
     weights = np.zeros_like(freqs)
     weights[present] = np.sqrt(total / freqs[present])
@@ -157,13 +158,13 @@ def _prepare(y_true, y_pred, from_logits: bool, downsample_labels: int = 1):
     pred_shape = tuple(y_pred.shape)
     true_shape = tuple(y_true.shape)
     if len(pred_shape) < 3:
-        raise ValueError(
+        raise InputError(
             "`y_pred` must be [batch, *spatial, classes] with at least one spatial axis; "
             f"got shape {pred_shape}."
         )
     num_classes = pred_shape[-1]
     if num_classes is None or num_classes < 2:
-        raise ValueError(
+        raise InputError(
             "`y_pred` needs a known class axis of size >= 2 (softmax over labels); "
             f"got shape {pred_shape}."
         )
@@ -181,7 +182,7 @@ def _prepare(y_true, y_pred, from_logits: bool, downsample_labels: int = 1):
     elif _compatible(true_shape, pred_shape):
         sparse = False
     else:
-        raise ValueError(
+        raise InputError(
             "`y_true` and `y_pred` shapes do not match: labels must be sparse "
             f"{pred_shape[:-1]} (or with a trailing 1) or one-hot {pred_shape}; "
             f"got y_true {true_shape} and y_pred {pred_shape}."
@@ -315,7 +316,7 @@ def _cross_term(targets, neg_log_p, num_classes, gamma, class_weights, dense=Fal
     ``mean_x w_l (−ln p_l)^γ``; for soft targets its expectation over the target
     distribution of each voxel (γ applied per class, before the mixture)."""
     if class_weights is not None and len(class_weights) != num_classes:
-        raise ValueError(
+        raise InputError(
             f"`class_weights` has {len(class_weights)} entries but y_pred has "
             f"{num_classes} classes; give one weight per label."
         )
@@ -579,7 +580,7 @@ class GeneralizedDiceLoss(_SegmentationLoss):
                  include_background=True, downsample_labels=1,
                  reduction="sum_over_batch_size", name="generalized_dice_loss", dtype=None):
         if weight_type not in _GDL_WEIGHT_TYPES:
-            raise ValueError(
+            raise InputError(
                 f"`weight_type` must be one of {_GDL_WEIGHT_TYPES}; got {weight_type!r}."
             )
         super().__init__(
@@ -623,5 +624,5 @@ def deep_supervision_losses(loss: keras.losses.Loss, aux_outputs: int) -> dict:
 def get(name: str, **kwargs) -> keras.losses.Loss:
     """Builds a loss of this module by its config name (see ``LOSSES``)."""
     if name not in LOSSES:
-        raise ValueError(f"Unknown loss {name!r}; expected one of {sorted(LOSSES)}.")
+        raise InputError(f"Unknown loss {name!r}; expected one of {sorted(LOSSES)}.")
     return LOSSES[name](**kwargs)

@@ -13,6 +13,7 @@ from typing import Any, Sequence
 
 import keras
 from keras import ops
+from tf_explog.errors import InputError
 
 __all__ = ["PerLabelDice"]
 
@@ -73,7 +74,7 @@ class PerLabelDice(keras.metrics.Metric):
     ) -> None:
         super().__init__(name=name, dtype=dtype)
         if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
-            raise ValueError(
+            raise InputError(
                 f"PerLabelDice: num_classes must be an integer >= 2, got {num_classes!r}"
             )
         self.num_classes = int(num_classes)
@@ -82,14 +83,14 @@ class PerLabelDice(keras.metrics.Metric):
             keys = [str(i) for i in range(self.num_classes)]
         else:
             if isinstance(label_names, str) or len(label_names) != self.num_classes:
-                raise ValueError(
+                raise InputError(
                     f"PerLabelDice: label_names must be a sequence of num_classes="
                     f"{self.num_classes} names (background first), got {label_names!r}"
                 )
             self.label_names = [str(n) for n in label_names]
             keys = [_log_key(n) for n in self.label_names]
             if any(not k for k in keys) or len(set(keys)) != len(keys):
-                raise ValueError(
+                raise InputError(
                     f"PerLabelDice: label_names must be non-empty and unique after replacing "
                     f"characters outside [A-Za-z0-9_.-] by '_', got {keys!r}"
                 )
@@ -107,7 +108,7 @@ class PerLabelDice(keras.metrics.Metric):
         y_pred = ops.convert_to_tensor(y_pred)
         rank = len(y_pred.shape)
         if rank < 2 or y_pred.shape[-1] != self.num_classes:
-            raise ValueError(
+            raise InputError(
                 f"PerLabelDice {self.name!r}: y_pred must be [B, ..., {self.num_classes}], "
                 f"got shape {tuple(y_pred.shape)}"
             )
@@ -118,7 +119,7 @@ class PerLabelDice(keras.metrics.Metric):
             if len(y_true.shape) == rank and y_true.shape[-1] == 1:
                 y_true = ops.squeeze(y_true, axis=-1)
             if len(y_true.shape) != rank - 1:
-                raise ValueError(
+                raise InputError(
                     f"PerLabelDice {self.name!r}: y_true must be sparse [B, ...] or "
                     f"[B, ..., 1], or one-hot [B, ..., {self.num_classes}] matching y_pred "
                     f"{tuple(y_pred.shape)}; got shape {tuple(y_true.shape)}"

@@ -21,6 +21,7 @@ from tf_explog.layers import Block
 __all__ = ["build_model", "aux_loss_weights", "output_names", "SEGMENTATION", "aux_name"]
 
 from tf_explog.labels import SEGMENTATION, aux_name  # noqa: E402  (output names live there)
+from tf_explog.errors import InputError
 
 
 def _int_tuple(value: Any, what: str, length: int | None = None) -> tuple[int, ...]:
@@ -28,12 +29,12 @@ def _int_tuple(value: Any, what: str, length: int | None = None) -> tuple[int, .
     try:
         items = tuple(value)
     except TypeError:
-        raise ValueError(f"build_model: {what} must be a sequence of positive integers, "
+        raise InputError(f"build_model: {what} must be a sequence of positive integers, "
                          f"got {value!r}") from None
     if any(isinstance(v, bool) or not isinstance(v, Integral) or v < 1 for v in items):
-        raise ValueError(f"build_model: {what} must contain positive integers, got {value!r}")
+        raise InputError(f"build_model: {what} must contain positive integers, got {value!r}")
     if length is not None and len(items) != length:
-        raise ValueError(f"build_model: {what} must have {length} entries, got {value!r}")
+        raise InputError(f"build_model: {what} must have {length} entries, got {value!r}")
     return tuple(int(v) for v in items)
 
 
@@ -44,13 +45,13 @@ def _check_input_shape(input_shape: Any, divisor: int) -> tuple:
     except TypeError:
         shape = ()
     if len(shape) != 4:
-        raise ValueError(
+        raise InputError(
             f"build_model: input_shape={input_shape!r} must be (D, H, W, C) "
             "(channels last, no batch axis)"
         )
     channels = shape[-1]
     if isinstance(channels, bool) or not isinstance(channels, Integral) or channels < 1:
-        raise ValueError(
+        raise InputError(
             f"build_model: input_shape={input_shape!r}: the channel count (last entry) must "
             "be a positive integer"
         )
@@ -58,12 +59,12 @@ def _check_input_shape(input_shape: Any, divisor: int) -> tuple:
         if size is None:
             continue
         if isinstance(size, bool) or not isinstance(size, Integral) or size < 1:
-            raise ValueError(
+            raise InputError(
                 f"build_model: input_shape={input_shape!r}: spatial size on axis {axis} must "
                 f"be a positive integer or None, got {size!r}"
             )
         if size % divisor:
-            raise ValueError(
+            raise InputError(
                 f"build_model: input_shape={input_shape!r}: spatial size {size} on axis "
                 f"{axis} is not divisible by {divisor} (the network halves the resolution "
                 f"{divisor.bit_length() - 1} times); pad or crop to a multiple of {divisor}"
@@ -77,7 +78,7 @@ def _n_aux(aux_outputs: Any, max_aux: int) -> int:
         return max_aux if aux_outputs else 0
     if isinstance(aux_outputs, int) and 0 <= aux_outputs <= max_aux:
         return int(aux_outputs)
-    raise ValueError(
+    raise InputError(
         f"build_model: aux_outputs must be False, True or an int in [0, {max_aux}] "
         f"(one head per decoder level coarser than full resolution), got {aux_outputs!r}"
     )
@@ -136,17 +137,17 @@ def build_model(
     filters = _int_tuple(filters, "filters")
     levels = len(filters)
     if levels < 2:
-        raise ValueError(f"build_model: filters needs at least 2 levels, got {filters!r}")
+        raise InputError(f"build_model: filters needs at least 2 levels, got {filters!r}")
     encoder_depths = _int_tuple(encoder_depths, "encoder_depths", levels)
     decoder_depths = _int_tuple(decoder_depths, "decoder_depths", levels - 1)
     divisor = 2 ** (levels - 1)
     input_shape = _check_input_shape(input_shape, divisor)
     if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
-        raise ValueError(f"build_model: num_classes must be an integer >= 2, got {num_classes!r}")
+        raise InputError(f"build_model: num_classes must be an integer >= 2, got {num_classes!r}")
     if not float(noise_std) >= 0.0:
-        raise ValueError(f"build_model: noise_std must be >= 0, got {noise_std!r}")
+        raise InputError(f"build_model: noise_std must be >= 0, got {noise_std!r}")
     if not 0.0 <= float(dropout) < 1.0:
-        raise ValueError(f"build_model: dropout must be in [0, 1), got {dropout!r}")
+        raise InputError(f"build_model: dropout must be in [0, 1), got {dropout!r}")
     n_aux = _n_aux(aux_outputs, levels - 2)
 
     inputs = keras.Input(shape=input_shape, name="image")
@@ -215,9 +216,9 @@ def aux_loss_weights(n_aux: int, decay: float = 0.5) -> dict[str, float]:
         ``{output name: weight}`` for ``model.compile(loss_weights=...)``.
     """
     if isinstance(n_aux, bool) or not isinstance(n_aux, int) or n_aux < 0:
-        raise ValueError(f"aux_loss_weights: n_aux must be an integer >= 0, got {n_aux!r}")
+        raise InputError(f"aux_loss_weights: n_aux must be an integer >= 0, got {n_aux!r}")
     if not 0.0 < float(decay) <= 1.0:
-        raise ValueError(f"aux_loss_weights: decay must be in (0, 1], got {decay!r}")
+        raise InputError(f"aux_loss_weights: decay must be in (0, 1], got {decay!r}")
     raw = {SEGMENTATION: 1.0}
     raw.update({aux_name(k): float(decay) ** k for k in range(1, n_aux + 1)})
     total = sum(raw.values())

@@ -28,7 +28,7 @@ from tf_explog.builders import (build_from_config, cache_dir_for, class_weights_
 from tf_explog.config import Config, ConfigError, config_from_dict
 from tf_explog.data.core import split_volumes
 from tf_explog.callbacks import MetricsCSV
-from tf_explog.errors import NonFiniteError
+from tf_explog.errors import InputError, NonFiniteError
 from tf_explog.plots import overlay_panel
 
 RUN_FILE = "run.json"
@@ -255,7 +255,7 @@ def train(config: Config, *, resume: str | Path | None = None, extra_callbacks=(
         run_dir = Path(resume)
         config = load_run_config(run_dir)
         if (run_dir / FINAL_MODEL).exists() and not (run_dir / "backup").exists():
-            raise ValueError(f"{run_dir}: this run finished ({FINAL_MODEL} exists); there is "
+            raise InputError(f"{run_dir}: this run finished ({FINAL_MODEL} exists); there is "
                              "nothing to resume. Start a new run with --config.")
     check_dtype_policy(config.train.dtype_policy)  # before anything is created on disk
     if resume is None and run_dir is not None:

@@ -38,6 +38,7 @@ from scipy import ndimage
 
 from .nifti import NiftiFileNotFoundError, load_volume
 from .preprocess import Preprocessor
+from tf_explog.errors import InputError
 
 __all__ = [
     "CACHE_FORMAT",
@@ -56,7 +57,7 @@ PathLike = Union[str, os.PathLike]
 CACHE_FORMAT = 1
 
 
-class CacheError(ValueError):
+class CacheError(InputError):
     """A cache entry cannot be built or read; the message names the source file."""
 
 
@@ -124,7 +125,7 @@ def summarise_labels(labels: np.ndarray, max_coords: int, seed: int = 0) -> tupl
     """
     labels = np.asarray(labels)
     if labels.size and int(labels.min()) < 0:
-        raise ValueError(f"labels: negative label id {int(labels.min())}; ids must be >= 0")
+        raise InputError(f"labels: negative label id {int(labels.min())}; ids must be >= 0")
     counts = np.bincount(labels.reshape(-1))
     # One pass for every bounding box; coordinates are then searched inside each box only,
     # which is cheap for the small structures that matter.
@@ -253,11 +254,11 @@ class VolumeCache:
         max_coords_per_label: int = 1024,
     ) -> None:
         if preprocessor is not None and not isinstance(preprocessor, Preprocessor):
-            raise ValueError(
+            raise InputError(
                 f"preprocessor: expected a Preprocessor, got {type(preprocessor).__name__}"
             )
         if int(max_coords_per_label) < 1:
-            raise ValueError(f"max_coords_per_label: expected >= 1, got {max_coords_per_label!r}")
+            raise InputError(f"max_coords_per_label: expected >= 1, got {max_coords_per_label!r}")
         self.cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
         self.preprocessor = preprocessor if preprocessor is not None else Preprocessor()
         self.fingerprint = self.preprocessor.fingerprint()

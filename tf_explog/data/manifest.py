@@ -30,6 +30,7 @@ import numpy as np
 
 from .nifti import LabelMap, NiftiError, apply_label_map, load_volume, read_header
 from .preprocess import Preprocessor, affines_close
+from tf_explog.errors import InputError
 
 __all__ = ["ManifestError", "Entry", "Manifest", "label_frequencies", "SPLITS"]
 
@@ -37,7 +38,7 @@ PathLike = Union[str, os.PathLike]
 SPLITS = ("training", "validation", "test", "all")
 
 
-class ManifestError(ValueError):
+class ManifestError(InputError):
     """One or more problems with a data set; ``problems`` lists each, naming its file.
 
     Attributes:
@@ -180,11 +181,11 @@ class Manifest:
         if not isinstance(raw, Mapping):
             raise ManifestError(f"{path}: expected a JSON object at top level", path)
         if not 0.0 <= float(validation_fraction) < 1.0:
-            raise ValueError(
+            raise InputError(
                 f"validation_fraction: expected 0 <= f < 1, got {validation_fraction!r}"
             )
         if unknown_labels not in ("raise", "background"):
-            raise ValueError(
+            raise InputError(
                 f"unknown_labels: expected 'raise' or 'background', got {unknown_labels!r}"
             )
         root = path.parent.resolve()
@@ -292,7 +293,7 @@ class Manifest:
             list of :class:`Entry`, in json order.
         """
         if split not in SPLITS:
-            raise ValueError(f"split: expected one of {SPLITS}, got {split!r}")
+            raise InputError(f"split: expected one of {SPLITS}, got {split!r}")
         if split == "test":
             return list(self.test)
         if split == "all":

@@ -27,6 +27,7 @@ from nibabel import orientations as nib_ornt
 
 # Label maps live in tf_explog.labels; re-exported here for load_volume(label_map=...).
 from tf_explog.labels import LabelMap, apply_label_map, invert_label_map  # noqa: F401
+from tf_explog.errors import InputError
 
 __all__ = [
     "NiftiError",
@@ -49,7 +50,7 @@ _KINDS = ("image", "label")
 _NIFTI_SUFFIXES = (".nii", ".nii.gz")
 
 
-class NiftiError(ValueError):
+class NiftiError(InputError):
     """A NIfTI file (or an array meant for one) is unusable; the message names the file."""
 
 
@@ -101,7 +102,7 @@ def _describe(path: PathLike) -> str:
 
 def _check_kind(kind: str) -> None:
     if kind not in _KINDS:
-        raise ValueError(f"kind must be one of {_KINDS}, got {kind!r}")
+        raise InputError(f"kind must be one of {_KINDS}, got {kind!r}")
 
 
 def _load_image(path: PathLike):
@@ -225,7 +226,7 @@ def load_volume(
     """
     _check_kind(kind)
     if label_map is not None and kind != "label":
-        raise ValueError("label_map applies to kind='label' only")
+        raise InputError("label_map applies to kind='label' only")
     p = os.fspath(path)
     img = _load_image(p)
     data = _decode(img, p)
@@ -310,7 +311,7 @@ def to_original_orientation(array: np.ndarray, volume: Volume) -> np.ndarray:
     """
     array = np.asarray(array)
     if array.ndim < 3 or tuple(array.shape[:3]) != volume.spatial_shape:
-        raise ValueError(
+        raise InputError(
             f"array: spatial shape {tuple(array.shape[:3])} does not match the canonical shape "
             f"{volume.spatial_shape} of {_describe(volume.path)}"
         )
@@ -353,10 +354,10 @@ def _storage_dtype(array: np.ndarray) -> np.ndarray:
         for dt in (np.uint8, np.int16, np.int32):
             if np.iinfo(dt).min <= lo and hi <= np.iinfo(dt).max:
                 return array.astype(dt, copy=False)
-        raise ValueError("array: integer values do not fit in int32")
+        raise InputError("array: integer values do not fit in int32")
     if np.issubdtype(array.dtype, np.floating):
         return array.astype(np.float32, copy=False)
-    raise ValueError(f"array: unsupported dtype {array.dtype} for NIfTI output")
+    raise InputError(f"array: unsupported dtype {array.dtype} for NIfTI output")
 
 
 def save_like(
@@ -384,7 +385,7 @@ def save_like(
     """
     path = Path(path)
     if not path.name.endswith(_NIFTI_SUFFIXES):
-        raise ValueError(f"path: {path} must end in .nii or .nii.gz")
+        raise InputError(f"path: {path} must end in .nii or .nii.gz")
     data = _storage_dtype(np.asarray(array))
     data = np.ascontiguousarray(to_original_orientation(data, reference))
     header = reference.header.copy()

@@ -34,6 +34,7 @@ from .preprocess import Preprocessor
 from tf_explog.labels import labels_by_output
 from .pydataset import (_is_int, _positive_triple, build_augmentation,  # shared, TF-free
                         split_pairs)
+from tf_explog.errors import InputError
 
 __all__ = ["make_dataset", "build_augmentation"]
 
@@ -57,7 +58,7 @@ def _static_shape(preprocessor: Preprocessor, pairs: list, need_fixed: bool) -> 
         listing = "; ".join(
             f"{s}: {len(v)} case(s), e.g. {os.path.basename(v[0])}" for s, v in shapes.items()
         )
-        raise ValueError(
+        raise InputError(
             "batch_size: volume mode with batch_size > 1 needs equal volume shapes, got "
             f"{listing}. Set the preprocessor's resize_shape or target_shape, or use batch_size=1."
         )
@@ -124,25 +125,25 @@ def make_dataset(
     if not isinstance(manifest, Manifest):
         manifest = Manifest.load(manifest)
     if mode not in _MODES:
-        raise ValueError(f"mode: expected one of {_MODES}, got {mode!r}")
+        raise InputError(f"mode: expected one of {_MODES}, got {mode!r}")
     if not _is_int(batch_size) or batch_size < 1:
-        raise ValueError(f"batch_size: expected a positive int, got {batch_size!r}")
+        raise InputError(f"batch_size: expected a positive int, got {batch_size!r}")
     if not 0.0 <= float(oversample) <= 1.0:
-        raise ValueError(f"oversample: expected a fraction in [0, 1], got {oversample!r}")
+        raise InputError(f"oversample: expected a fraction in [0, 1], got {oversample!r}")
     if not _is_int(aux_outputs) or aux_outputs < 0:
-        raise ValueError(f"aux_outputs: expected an int >= 0, got {aux_outputs!r}")
+        raise InputError(f"aux_outputs: expected an int >= 0, got {aux_outputs!r}")
     if int(patches_per_volume) < 1:
-        raise ValueError(f"patches_per_volume: expected >= 1, got {patches_per_volume!r}")
+        raise InputError(f"patches_per_volume: expected >= 1, got {patches_per_volume!r}")
     if int(prefetch) < 0:
-        raise ValueError(f"prefetch: expected >= 0, got {prefetch!r}")
+        raise InputError(f"prefetch: expected >= 0, got {prefetch!r}")
     if preprocessor is not None and not isinstance(preprocessor, Preprocessor):
-        raise ValueError(
+        raise InputError(
             f"preprocessor: expected a Preprocessor, got {type(preprocessor).__name__}"
         )
     patch = _positive_triple(patch_size, "patch_size")
     parallel = int(num_parallel_reads or min(4, os.cpu_count() or 1))
     if parallel < 1:
-        raise ValueError(f"num_parallel_reads: expected >= 1, got {num_parallel_reads!r}")
+        raise InputError(f"num_parallel_reads: expected >= 1, got {num_parallel_reads!r}")
 
     pairs, with_labels = split_pairs(manifest, split, aux_outputs)
 

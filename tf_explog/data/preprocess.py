@@ -29,6 +29,7 @@ import numpy as np
 from scipy import ndimage
 
 from .nifti import LabelMap, Volume, apply_label_map
+from tf_explog.errors import InputError
 
 __all__ = [
     "Preprocessor",
@@ -60,19 +61,19 @@ def _triple(value, name: str, kind=float) -> Optional[tuple]:
     if value is None:
         return None
     if isinstance(value, (bool, np.bool_)):
-        raise ValueError(f"{name}: expected a positive number or 3 of them, got {value!r}")
+        raise InputError(f"{name}: expected a positive number or 3 of them, got {value!r}")
     if np.isscalar(value):
         value = (value,) * 3
     try:
         out = tuple(kind(v) for v in value)
     except (TypeError, ValueError):
-        raise ValueError(
+        raise InputError(
             f"{name}: expected a positive number or 3 of them, got {value!r}"
         ) from None
     if len(out) != 3 or any(not np.isfinite(v) or v <= 0 for v in out):
-        raise ValueError(f"{name}: expected a positive number or 3 of them, got {value!r}")
+        raise InputError(f"{name}: expected a positive number or 3 of them, got {value!r}")
     if kind is int and any(float(v) != float(w) for v, w in zip(out, value)):
-        raise ValueError(f"{name}: expected integers, got {value!r}")
+        raise InputError(f"{name}: expected integers, got {value!r}")
     return out
 
 
@@ -195,7 +196,7 @@ class Preprocessor:
 
     def __post_init__(self) -> None:
         if self.preset not in _PRESETS:
-            raise ValueError(f"preset: expected one of {_PRESETS}, got {self.preset!r}")
+            raise InputError(f"preset: expected one of {_PRESETS}, got {self.preset!r}")
         if self.preset == "paper":
             if self.target_spacing is None:
                 self.target_spacing = "min"
@@ -204,7 +205,7 @@ class Preprocessor:
                 self.resize_shape = 128
         if isinstance(self.target_spacing, str):
             if self.target_spacing != "min":
-                raise ValueError(
+                raise InputError(
                     f"target_spacing: expected None, 'min', a number or 3 numbers, "
                     f"got {self.target_spacing!r}"
                 )
@@ -213,24 +214,24 @@ class Preprocessor:
         self.resize_shape = _triple(self.resize_shape, "resize_shape", int)
         self.target_shape = _triple(self.target_shape, "target_shape", int)
         if not isinstance(self.pad_to_cube, (bool, np.bool_)):
-            raise ValueError(f"pad_to_cube: expected a bool, got {self.pad_to_cube!r}")
+            raise InputError(f"pad_to_cube: expected a bool, got {self.pad_to_cube!r}")
         self.pad_to_cube = bool(self.pad_to_cube)
         if self.image_order not in _IMAGE_ORDERS or isinstance(self.image_order, bool):
-            raise ValueError(f"image_order: expected 1 or 3, got {self.image_order!r}")
+            raise InputError(f"image_order: expected 1 or 3, got {self.image_order!r}")
         self.image_order = int(self.image_order)
         if self.normalization not in _NORMALIZATIONS:
-            raise ValueError(
+            raise InputError(
                 f"normalization: expected one of {_NORMALIZATIONS}, got {self.normalization!r}"
             )
         if self.clip_percentiles is not None:
             try:
                 lo, hi = (float(v) for v in self.clip_percentiles)
             except (TypeError, ValueError):
-                raise ValueError(
+                raise InputError(
                     f"clip_percentiles: expected (low, high), got {self.clip_percentiles!r}"
                 ) from None
             if not 0.0 <= lo < hi <= 100.0:
-                raise ValueError(
+                raise InputError(
                     "clip_percentiles: expected 0 <= low < high <= 100, "
                     f"got {self.clip_percentiles!r}"
                 )
@@ -238,11 +239,11 @@ class Preprocessor:
         try:
             self.pad_value = float(self.pad_value)
         except (TypeError, ValueError):
-            raise ValueError(f"pad_value: expected a number, got {self.pad_value!r}") from None
+            raise InputError(f"pad_value: expected a number, got {self.pad_value!r}") from None
         if self.label_map is not None:
             self.label_map = LabelMap.coerce(self.label_map).to_dict()
         if self.unknown_labels not in _UNKNOWN:
-            raise ValueError(
+            raise InputError(
                 f"unknown_labels: expected one of {_UNKNOWN}, got {self.unknown_labels!r}"
             )
 
@@ -265,11 +266,11 @@ class Preprocessor:
     def from_dict(cls, data: Mapping) -> "Preprocessor":
         """Build from :meth:`to_dict` output (or a config section); unknown keys are an error."""
         if not isinstance(data, Mapping):
-            raise ValueError(f"preprocessor: expected a mapping, got {type(data).__name__}")
+            raise InputError(f"preprocessor: expected a mapping, got {type(data).__name__}")
         allowed = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - allowed)
         if unknown:
-            raise ValueError(
+            raise InputError(
                 f"preprocessor: unknown option(s) {unknown}; allowed: {sorted(allowed)}"
             )
         return cls(**dict(data))
@@ -330,15 +331,15 @@ class Preprocessor:
         if img.ndim == 3:
             img = img[..., np.newaxis]
         if img.ndim != 4:
-            raise ValueError(
+            raise InputError(
                 f"{img_name}: expected [D, H, W] or [D, H, W, C], got shape {img.shape}"
             )
         img = img.astype(np.float32, copy=False)
         if not np.all(np.isfinite(img)):
-            raise ValueError(f"{img_name}: image contains NaN/Inf intensities")
+            raise InputError(f"{img_name}: image contains NaN/Inf intensities")
         if spacing is None:
             if self.target_spacing is not None:
-                raise ValueError("spacing: required for array inputs when target_spacing is set")
+                raise InputError("spacing: required for array inputs when target_spacing is set")
             spacing = (1.0, 1.0, 1.0)
         spacing = _triple(spacing, "spacing", float)
         if affine is None:
@@ -348,7 +349,7 @@ class Preprocessor:
         if labels is not None:
             if isinstance(labels, Volume):
                 if not affines_close(labels.affine, affine):
-                    raise ValueError(
+                    raise InputError(
                         f"{lab_name}: affine does not match the image {img_name}\n"
                         f"labels:\n{np.round(labels.affine, 4)}\nimage:\n{np.round(affine, 4)}"
                     )
@@ -356,9 +357,9 @@ class Preprocessor:
             else:
                 lab = np.asarray(labels)
             if not np.issubdtype(lab.dtype, np.integer):
-                raise ValueError(f"{lab_name}: labels must be integers, got {lab.dtype}")
+                raise InputError(f"{lab_name}: labels must be integers, got {lab.dtype}")
             if tuple(lab.shape) != tuple(img.shape[:3]):
-                raise ValueError(
+                raise InputError(
                     f"{lab_name}: label shape {tuple(lab.shape)} does not match the image "
                     f"{img_name} spatial shape {tuple(img.shape[:3])}"
                 )
@@ -366,7 +367,7 @@ class Preprocessor:
                 lab = apply_label_map(lab, self.label_map, self.unknown_labels, source=lab_name)
             lab = lab.astype(np.int32, copy=False)
             if lab.size and int(lab.min()) < 0:
-                raise ValueError(
+                raise InputError(
                     f"{lab_name}: negative label value {int(lab.min())}; ids must be >= 0"
                 )
 
@@ -494,11 +495,11 @@ class Preprocessor:
 def _check_record(record: Mapping) -> None:
     for key in ("steps", "input_shape", "output_shape"):
         if key not in record:
-            raise ValueError(
+            raise InputError(
                 f"record: missing {key!r}; pass the record returned by Preprocessor.forward"
             )
     if record.get("format") != PREPROCESS_FORMAT:
-        raise ValueError(
+        raise InputError(
             f"record: format {record.get('format')!r}, this version reads {PREPROCESS_FORMAT}"
         )
 
@@ -506,7 +507,7 @@ def _check_record(record: Mapping) -> None:
 def _invert(array: np.ndarray, record: Mapping, order: int, fill_value) -> np.ndarray:
     _check_record(record)
     if tuple(array.shape[:3]) != tuple(record["output_shape"]):
-        raise ValueError(
+        raise InputError(
             f"array: spatial shape {tuple(array.shape[:3])} does not match the preprocessed "
             f"shape {tuple(record['output_shape'])} in the record"
         )
@@ -524,7 +525,7 @@ def _invert(array: np.ndarray, record: Mapping, order: int, fill_value) -> np.nd
                              zip(before, after, step["in_shape"]))] = False
                 array[region] = fill_value
         else:
-            raise ValueError(f"record: unknown step {step['op']!r}")
+            raise InputError(f"record: unknown step {step['op']!r}")
     return array
 
 
@@ -544,7 +545,7 @@ def invert_labels(labels: np.ndarray, record: Mapping) -> np.ndarray:
     """
     labels = np.asarray(labels)
     if labels.ndim != 3 or not np.issubdtype(labels.dtype, np.integer):
-        raise ValueError(
+        raise InputError(
             f"labels: expected an integer [D, H, W] array, got {labels.dtype} {labels.shape}"
         )
     return _invert(labels.astype(np.int32, copy=False), record, order=0, fill_value=None)
@@ -567,10 +568,10 @@ def invert_probabilities(
         float32 ``[D, H, W, K]``.
     """
     if fill not in ("background", "zero"):
-        raise ValueError(f"fill: expected 'background' or 'zero', got {fill!r}")
+        raise InputError(f"fill: expected 'background' or 'zero', got {fill!r}")
     probs = np.asarray(probs, dtype=np.float32)
     if probs.ndim != 4:
-        raise ValueError(f"probs: expected [D, H, W, K], got shape {probs.shape}")
+        raise InputError(f"probs: expected [D, H, W, K], got shape {probs.shape}")
     fill_value = np.zeros(probs.shape[-1], np.float32)
     if fill == "background":
         fill_value[0] = 1.0

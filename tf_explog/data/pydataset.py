@@ -57,6 +57,7 @@ from .manifest import Manifest, ManifestError
 from .nifti import canonical_geometry
 from .preprocess import Preprocessor
 from tf_explog.labels import labels_by_output
+from tf_explog.errors import InputError
 
 __all__ = [
     "VolumeSequence",
@@ -85,11 +86,11 @@ def _positive_triple(value, name: str) -> tuple:
     try:
         out = tuple(int(v) for v in value)
     except (TypeError, ValueError):
-        raise ValueError(f"{name}: expected an int or 3 ints, got {value!r}") from None
+        raise InputError(f"{name}: expected an int or 3 ints, got {value!r}") from None
     if len(out) != 3 or any(v < 1 for v in out) or any(
         float(v) != float(w) for v, w in zip(out, value)
     ):
-        raise ValueError(f"{name}: expected 3 positive ints, got {value!r}")
+        raise InputError(f"{name}: expected 3 positive ints, got {value!r}")
     return out
 
 
@@ -100,7 +101,7 @@ def split_pairs(manifest: Manifest, split: str, aux_outputs: int = 0) -> tuple:
     """
     entries = manifest.entries(split)
     if not entries:
-        raise ValueError(f"split: {split!r} of {manifest.path} has no cases")
+        raise InputError(f"split: {split!r} of {manifest.path} has no cases")
     pairs = [tuple(e.pair) for e in entries]
     missing = [
         f"{p}: file not found" for pair in pairs for p in pair
@@ -111,9 +112,9 @@ def split_pairs(manifest: Manifest, split: str, aux_outputs: int = 0) -> tuple:
     labelled = [p[1] is not None for p in pairs]
     if any(labelled) and not all(labelled):
         names = [os.path.basename(p[0]) for p in pairs if p[1] is None]
-        raise ValueError(f"split {split!r}: some cases have no label file: {names[:10]}")
+        raise InputError(f"split {split!r}: some cases have no label file: {names[:10]}")
     if aux_outputs and not all(labelled):
-        raise ValueError(f"aux_outputs: split {split!r} of {manifest.path} has no labels")
+        raise InputError(f"aux_outputs: split {split!r} of {manifest.path} has no labels")
     return pairs, all(labelled)
 
 
@@ -142,7 +143,7 @@ def build_augmentation(augment: Any, seed: int = 0) -> Optional[Callable]:
         return RandomAffine3D(**kwargs)
     if callable(augment):
         return augment
-    raise ValueError(
+    raise InputError(
         f"augment: expected None, True, a dict of RandomAffine3D arguments or a callable, "
         f"got {augment!r}"
     )
@@ -180,12 +181,12 @@ class BatchAugmenter:
 
     def __init__(self, augment: Callable, jit: Union[str, bool] = "auto") -> None:
         if not callable(augment):
-            raise ValueError(f"augment: expected a callable, got {augment!r}")
+            raise InputError(f"augment: expected a callable, got {augment!r}")
         if jit not in ("auto", True, False):
-            raise ValueError(f"jit_augment: expected 'auto', True or False, got {jit!r}")
+            raise InputError(f"jit_augment: expected 'auto', True or False, got {jit!r}")
         backend = keras.backend.backend()
         if jit is True and backend != "jax":
-            raise ValueError(
+            raise InputError(
                 f"jit_augment: True needs the JAX backend, the Keras backend is {backend!r}"
             )
         self.augment = augment
@@ -321,37 +322,37 @@ class VolumeSequence(keras.utils.PyDataset):
         jit_augment: Union[str, bool] = "auto",
     ) -> None:
         if not _is_int(workers) or workers < 0:
-            raise ValueError(f"workers: expected an int >= 0, got {workers!r}")
+            raise InputError(f"workers: expected an int >= 0, got {workers!r}")
         if not _is_int(max_queue_size) or max_queue_size < 1:
-            raise ValueError(f"max_queue_size: expected a positive int, got {max_queue_size!r}")
+            raise InputError(f"max_queue_size: expected a positive int, got {max_queue_size!r}")
         super().__init__(workers=int(workers), use_multiprocessing=bool(use_multiprocessing),
                          max_queue_size=int(max_queue_size))
         if not isinstance(manifest, Manifest):
             manifest = Manifest.load(manifest)
         if mode not in _MODES:
-            raise ValueError(f"mode: expected one of {_MODES}, got {mode!r}")
+            raise InputError(f"mode: expected one of {_MODES}, got {mode!r}")
         if not _is_int(batch_size) or batch_size < 1:
-            raise ValueError(f"batch_size: expected a positive int, got {batch_size!r}")
+            raise InputError(f"batch_size: expected a positive int, got {batch_size!r}")
         if not _is_int(seed) or seed < 0:
-            raise ValueError(f"seed: expected an int >= 0, got {seed!r}")
+            raise InputError(f"seed: expected an int >= 0, got {seed!r}")
         try:
             oversample = float(oversample)
         except (TypeError, ValueError):
-            raise ValueError(f"oversample: expected a fraction in [0, 1], got {oversample!r}")
+            raise InputError(f"oversample: expected a fraction in [0, 1], got {oversample!r}")
         if not 0.0 <= oversample <= 1.0:
-            raise ValueError(f"oversample: expected a fraction in [0, 1], got {oversample!r}")
+            raise InputError(f"oversample: expected a fraction in [0, 1], got {oversample!r}")
         if not _is_int(aux_outputs) or aux_outputs < 0:
-            raise ValueError(f"aux_outputs: expected an int >= 0, got {aux_outputs!r}")
+            raise InputError(f"aux_outputs: expected an int >= 0, got {aux_outputs!r}")
         if not _is_int(patches_per_volume) or patches_per_volume < 1:
-            raise ValueError(
+            raise InputError(
                 f"patches_per_volume: expected a positive int, got {patches_per_volume!r}"
             )
         if preprocessor is not None and not isinstance(preprocessor, Preprocessor):
-            raise ValueError(
+            raise InputError(
                 f"preprocessor: expected a Preprocessor, got {type(preprocessor).__name__}"
             )
         if use_multiprocessing and augment not in (None, False):
-            raise ValueError(
+            raise InputError(
                 "use_multiprocessing: not supported with augment (Keras ops on JAX/TensorFlow "
                 "are not safe in forked workers); use threads: workers > 1, "
                 "use_multiprocessing=False"
@@ -389,7 +390,7 @@ class VolumeSequence(keras.utils.PyDataset):
         n = self._elements / self.batch_size
         self._batches = math.floor(n) if self.drop_remainder else math.ceil(n)
         if self._batches < 1:
-            raise ValueError(
+            raise InputError(
                 f"batch_size: {self.batch_size} exceeds the {self._elements} elements of split "
                 f"{split!r} with drop_remainder=True"
             )
@@ -437,7 +438,7 @@ class VolumeSequence(keras.utils.PyDataset):
     def set_epoch(self, epoch: int) -> None:
         """Set the pass number (e.g. to the initial epoch when resuming a run)."""
         if not _is_int(epoch) or epoch < 0:
-            raise ValueError(f"epoch: expected an int >= 0, got {epoch!r}")
+            raise InputError(f"epoch: expected an int >= 0, got {epoch!r}")
         self._epoch = int(epoch)
 
     def order(self, epoch: int) -> np.ndarray:
@@ -517,7 +518,7 @@ class VolumeSequence(keras.utils.PyDataset):
                 f"{os.path.basename(str(self.pairs[int(order[e % n])][0]))}: {a.shape}"
                 for e, a in zip(range(start, stop), arrays)
             )
-            raise ValueError(
+            raise InputError(
                 f"batch_size: volume mode with batch_size > 1 needs equal {what} shapes, got "
                 f"{listing}. Set the preprocessor's resize_shape or target_shape, or use "
                 "batch_size=1."
@@ -538,7 +539,7 @@ class VolumeSequence(keras.utils.PyDataset):
                 f"{s}: {len(v)} case(s), e.g. {os.path.basename(str(v[0]))}"
                 for s, v in shapes.items()
             )
-            raise ValueError(
+            raise InputError(
                 "batch_size: volume mode with batch_size > 1 needs equal volume shapes, got "
                 f"{listing}. Set the preprocessor's resize_shape or target_shape, or use "
                 "batch_size=1."

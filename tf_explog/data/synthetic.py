@@ -47,6 +47,7 @@ from typing import Any
 
 import numpy as np
 from scipy import ndimage
+from tf_explog.errors import InputError
 
 __all__ = [
     "LABEL_NAMES",
@@ -151,7 +152,7 @@ _ELLIPSOIDS: tuple[tuple[int, tuple[float, float, float], tuple[float, float, fl
 _ORIENTATIONS = ("LIA", "RAS", "LPS")
 
 
-class OutputExistsError(FileExistsError, ValueError):
+class OutputExistsError(InputError, FileExistsError):
     """The output directory holds files and ``overwrite`` was not given."""
 
 
@@ -167,17 +168,17 @@ def _check_shape(shape: int | Sequence[int]) -> tuple[int, int, int]:
     try:
         dims = tuple(shape)
     except TypeError:
-        raise ValueError(
+        raise InputError(
             f"synthetic: argument 'shape' must be an int or three ints, got {shape!r}"
         ) from None
     if len(dims) != 3 or not all(
         isinstance(d, (int, np.integer)) and not isinstance(d, bool) for d in dims
     ):
-        raise ValueError(
+        raise InputError(
             f"synthetic: argument 'shape' must be an int or three ints, got {shape!r}"
         )
     if min(dims) < MIN_SHAPE:
-        raise ValueError(
+        raise InputError(
             f"synthetic: argument 'shape' must have every axis ≥ {MIN_SHAPE} "
             f"(smaller grids cannot hold all 19 structures), got {dims}"
         )
@@ -418,7 +419,7 @@ def generate_subject(
     try:
         rng = np.random.default_rng(seed)
     except (TypeError, ValueError) as err:
-        raise ValueError(
+        raise InputError(
             f"synthetic: argument 'seed' must be a non-negative int or ints, got {seed!r}"
         ) from err
     warp = _Warp(dims, rng)
@@ -448,17 +449,17 @@ def size_table(
         (voxels / voxels of the largest *structure*, id ≥ 1; ``None`` for background).
     """
     if len(labels_list) == 0:
-        raise ValueError("size_table: argument 'labels_list' is empty; expected ≥ 1 volume")
+        raise InputError("size_table: argument 'labels_list' is empty; expected ≥ 1 volume")
     counts = np.zeros(0, dtype=np.int64)
     total = 0
     for i, lab in enumerate(labels_list):
         arr = np.asarray(lab)
         if not np.issubdtype(arr.dtype, np.integer):
-            raise ValueError(
+            raise InputError(
                 f"size_table: labels_list[{i}] must hold integer ids, got dtype {arr.dtype}"
             )
         if arr.size and arr.min() < 0:
-            raise ValueError(f"size_table: labels_list[{i}] holds negative ids")
+            raise InputError(f"size_table: labels_list[{i}] holds negative ids")
         c = np.bincount(arr.ravel().astype(np.int64))
         if c.size > counts.size:
             counts = np.pad(counts, (0, c.size - counts.size))
@@ -484,7 +485,7 @@ def smallest_to_largest(rows: Sequence[dict[str, Any]]) -> float:
     """Smallest/largest structure size ratio (background excluded) from :func:`size_table`."""
     sizes = [r["voxels"] for r in rows if r["label"] != 0]
     if not sizes or max(sizes) == 0:
-        raise ValueError("smallest_to_largest: the table holds no structure voxels")
+        raise InputError("smallest_to_largest: the table holds no structure voxels")
     return min(sizes) / max(sizes)
 
 
@@ -521,12 +522,12 @@ def _check_spacing(spacing: float | Sequence[float]) -> tuple[float, float, floa
     try:
         vals = tuple(float(v) for v in vals)
     except (TypeError, ValueError):
-        raise ValueError(
+        raise InputError(
             f"generate_dataset: argument 'spacing' must be a positive number or three, "
             f"got {spacing!r}"
         ) from None
     if len(vals) != 3 or not all(math.isfinite(v) and v > 0 for v in vals):
-        raise ValueError(
+        raise InputError(
             f"generate_dataset: argument 'spacing' must be a positive number or three, "
             f"got {spacing!r}"
         )
@@ -535,7 +536,7 @@ def _check_spacing(spacing: float | Sequence[float]) -> tuple[float, float, floa
 
 def _check_count(name: str, value: Any, minimum: int) -> int:
     if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < minimum:
-        raise ValueError(
+        raise InputError(
             f"generate_dataset: argument '{name}' must be an int ≥ {minimum}, got {value!r}"
         )
     return int(value)
@@ -671,7 +672,7 @@ def generate_dataset(
     spacing3 = _check_spacing(spacing)
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
-        raise ValueError(f"generate_dataset: out_dir {str(out)!r} exists and is not a directory")
+        raise InputError(f"generate_dataset: out_dir {str(out)!r} exists and is not a directory")
     non_empty = out.is_dir() and any(out.iterdir())
     if non_empty and not overwrite:
         raise OutputExistsError(
