@@ -6,12 +6,13 @@ Only ``pipeline`` needs TensorFlow; it is imported lazily so the rest works with
 import importlib
 
 _SUBMODULES = {"nifti", "preprocess", "synthetic", "manifest", "cache", "pipeline", "pydataset",
-               "core"}
+               "core", "sampling"}
 _LAZY = {
     "split_volumes": "core",
     "clean_batches": "core",
     "SplitVolumes": "core",
     "invert_labels": "preprocess",
+    "SplitSampler": "sampling",
     "make_dataset": "pipeline",
     "VolumeSequence": "pydataset",
     "Manifest": "manifest",

@@ -1,11 +1,15 @@
 """The input-pipeline core shared by every front end (tf.data, PyDataset, callbacks).
 
+- :func:`read_volume`: one cached volume as fresh NumPy arrays (every whole-volume read);
 - :class:`SplitVolumes`: the preprocessed whole volumes of a split, read lazily from the
   :class:`~tf_explog.data.cache.VolumeCache` as NumPy ``(image, labels)`` pairs (for
   inference-mode validation and BatchNorm recalibration);
 - :func:`clean_batches`: batches of one volume (padded to a multiple of 16) or of its tiles
   (patch-trained models), without augmentation, for
   :func:`tf_explog.batchnorm.recalibrate_batchnorm`.
+
+The training front ends' shared core (validation, patch sampling) is
+:mod:`tf_explog.data.sampling`.
 
 NumPy only; no TensorFlow.
 """
@@ -18,17 +22,28 @@ from typing import Callable, Iterator, Optional, Sequence, Union
 
 import numpy as np
 
-from .cache import VolumeCache
+from .cache import CacheEntry, VolumeCache
 from .manifest import Manifest
 from .preprocess import Preprocessor
 
-__all__ = ["SplitVolumes", "split_volumes", "clean_batches", "pad_to_multiple", "pad_end",
-           "background_value", "DIVISOR"]
+__all__ = ["read_volume", "SplitVolumes", "split_volumes", "clean_batches", "pad_to_multiple",
+           "pad_end", "background_value", "DIVISOR"]
 
 PathLike = Union[str, os.PathLike]
 
 #: Spatial sizes the paper network accepts are multiples of this (4 poolings).
 DIVISOR = 16
+
+
+def read_volume(entry: CacheEntry) -> tuple:
+    """``(image float32 [D, H, W, C], labels int32 [D, H, W] or None)`` of a cache entry.
+
+    Copies: never hand out a view of the read-only memory map (``tf.numpy_function`` must
+    not be given one, and a caller writing in place would fail on it).
+    """
+    image = np.array(entry.image, dtype=np.float32)
+    labels = None if entry.labels is None else np.array(entry.labels, dtype=np.int32)
+    return image, labels
 
 
 class SplitVolumes:
@@ -50,10 +65,7 @@ class SplitVolumes:
         return len(self.pairs)
 
     def __getitem__(self, index: int) -> tuple:
-        entry = self.cache.entry(*self.pairs[index])
-        image = np.array(entry.image, dtype=np.float32)  # a copy: never hand out the mmap
-        labels = None if entry.labels is None else np.array(entry.labels, dtype=np.int32)
-        return image, labels
+        return read_volume(self.cache.entry(*self.pairs[index]))
 
     def __iter__(self) -> Iterator[tuple]:
         for i in range(len(self)):
