@@ -8,11 +8,12 @@ batches from the same :class:`~tf_explog.data.cache.VolumeCache` (decode once, m
 
 - ``"volume"`` mode: whole preprocessed volumes (the paper: 128³, batch 1);
 - ``"patch"`` mode: ``patches_per_volume`` patches per case and pass, a fraction
-  ``oversample`` of them centred on a voxel of a foreground label chosen uniformly among the
-  labels present in the case, the rest placed uniformly (cases smaller than the patch are
-  zero-padded) -- :meth:`CacheEntry.sample_patch`, shared with the tf.data pipeline;
-- labels a dict ``{"segmentation": y, "aux_1": y, ...}`` (the same full-resolution labels)
-  with ``aux_outputs`` (models with auxiliary heads, whose losses average them down).
+  ``oversample`` of them centred on a foreground voxel, the rest placed uniformly;
+- labels a dict ``{"segmentation": y, "aux_1": y, ...}`` with ``aux_outputs``.
+
+Validation, the split, the cache and every element read are
+:class:`~tf_explog.data.sampling.SplitSampler`'s, shared with the tf.data pipeline; this
+module orders, seeds, batches and augments.
 
 Randomness is a pure function of ``(seed, pass, index)``: pass ``p`` orders the cases by
 ``default_rng([seed, p, 0]).permutation``, the patch ``j`` of case ``c`` comes from
@@ -47,106 +48,30 @@ import math
 import os
 import threading
 from pathlib import Path
-from typing import Any, Callable, Mapping, Optional, Sequence, Union
+from typing import Any, Callable, Optional, Sequence, Union
 
 import keras
 import numpy as np
 
-from .cache import VolumeCache, default_cache_dir
-from .manifest import Manifest, ManifestError
-from .nifti import canonical_geometry
+from .manifest import Manifest
 from .preprocess import Preprocessor
-from tf_explog.labels import labels_by_output
+from .sampling import SplitSampler, build_augmentation, check_int, is_int
 from tf_explog.errors import InputError
 
 __all__ = [
     "VolumeSequence",
     "BatchAugmenter",
-    "build_augmentation",
+    "build_augmentation",  # re-exported from tf_explog.data.sampling
     "make_sequence_from_config",
     "make_sequences_from_config",
 ]
 
 PathLike = Union[str, os.PathLike]
 
-_MODES = ("volume", "patch")
 # Stream tags that keep the case order, the patch positions and the augmentation seeds of a
 # pass statistically independent of each other.
 _ORDER, _PATCH, _AUGMENT = 0, 1, 2
 _SEED_STATE_NAME = "seed_generator_state"  # the variable name keras.random.SeedGenerator uses
-
-
-def _is_int(value) -> bool:
-    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
-
-
-def _positive_triple(value, name: str) -> tuple:
-    if _is_int(value):
-        value = (int(value),) * 3
-    try:
-        out = tuple(int(v) for v in value)
-    except (TypeError, ValueError):
-        raise InputError(f"{name}: expected an int or 3 ints, got {value!r}") from None
-    if len(out) != 3 or any(v < 1 for v in out) or any(
-        float(v) != float(w) for v, w in zip(out, value)
-    ):
-        raise InputError(f"{name}: expected 3 positive ints, got {value!r}")
-    return out
-
-
-def split_pairs(manifest: Manifest, split: str, aux_outputs: int = 0) -> tuple:
-    """``([(image, label or None), ...], all_labelled)`` of a split, every file checked.
-
-    Fails here, with every missing file named, rather than deep inside a loader worker.
-    """
-    entries = manifest.entries(split)
-    if not entries:
-        raise InputError(f"split: {split!r} of {manifest.path} has no cases")
-    pairs = [tuple(e.pair) for e in entries]
-    missing = [
-        f"{p}: file not found" for pair in pairs for p in pair
-        if p is not None and not os.path.isfile(p)
-    ]
-    if missing:
-        raise ManifestError(missing, manifest.path)
-    labelled = [p[1] is not None for p in pairs]
-    if any(labelled) and not all(labelled):
-        names = [os.path.basename(p[0]) for p in pairs if p[1] is None]
-        raise InputError(f"split {split!r}: some cases have no label file: {names[:10]}")
-    if aux_outputs and not all(labelled):
-        raise InputError(f"aux_outputs: split {split!r} of {manifest.path} has no labels")
-    return pairs, all(labelled)
-
-
-def build_augmentation(augment: Any, seed: int = 0) -> Optional[Callable]:
-    """Turn an ``augment`` argument into a callable (or None), as the tf.data pipeline does.
-
-    Args:
-        augment: None/False (no augmentation); True (``RandomAffine3D`` with the paper's
-            defaults); a dict of ``RandomAffine3D`` keyword arguments; or any callable used as
-            ``image, labels = augment((image, labels), training=True)`` (e.g. a Keras layer).
-        seed: seed given to ``RandomAffine3D`` when the dict does not set one.
-
-    Returns:
-        The callable, or None.
-
-    Raises:
-        ValueError: an unsupported value.
-    """
-    if augment is None or augment is False:
-        return None
-    if augment is True or isinstance(augment, Mapping):
-        from tf_explog.augmentation import RandomAffine3D
-
-        kwargs = dict(augment) if isinstance(augment, Mapping) else {}
-        kwargs.setdefault("seed", int(seed))
-        return RandomAffine3D(**kwargs)
-    if callable(augment):
-        return augment
-    raise InputError(
-        f"augment: expected None, True, a dict of RandomAffine3D arguments or a callable, "
-        f"got {augment!r}"
-    )
 
 
 def _derived_seed(*parts: int) -> int:
@@ -266,35 +191,27 @@ class VolumeSequence(keras.utils.PyDataset):
     (0-based) of a fresh ``fit`` reads pass ``e + 1``, with 1 worker or several.
 
     Args:
-        manifest: a :class:`Manifest` or a path to ``dataset.json`` (or its folder).
-        split: "training", "validation", "test" or "all".
-        mode: "volume" (whole volumes) or "patch".
-        patch_size: patch shape (int or 3 ints), patch mode only.
-        batch_size: batch size.
+        manifest, split, mode, patch_size, batch_size, oversample, cache_dir, preprocessor,
+            aux_outputs, patches_per_volume: the split, its preprocessing and its elements,
+            as :class:`~tf_explog.data.sampling.SplitSampler` documents them (the two input
+            front ends share it); ``patches_per_volume`` patches per case and pass.
         shuffle: new case order every pass (seeded); else manifest order.
-        seed: seed of the order, the patch positions and the augmentation.
-        oversample: patch mode: fraction of patches centred on a voxel of a foreground label
-            chosen uniformly among those present in the case.
-        cache_dir: the volume cache (default :func:`~tf_explog.data.cache.default_cache_dir`).
-        preprocessor: default ``Preprocessor()`` (z-score only); the manifest's label map is
-            added when the preprocessor has none.
+        seed: seed of the order, the patch positions and the augmentation (an int >= 0).
         augment: None, True, a dict of ``RandomAffine3D`` arguments, or a callable applied
             to each batch as ``image, labels = augment((image, labels), training=True)``.
-        aux_outputs: k > 0 makes labels a dict ``{"segmentation": y, "aux_1": y, ...,
-            "aux_k": y}`` for a model with k auxiliary heads.
         workers: worker threads (or processes) preparing batches ahead (Keras's enqueuer).
         use_multiprocessing: processes instead of threads; not with ``augment`` (Keras ops
             are not fork-safe). Threads suffice: memory-mapped reads and XLA release the GIL.
         max_queue_size: batches prepared ahead with ``workers > 1``.
-        patches_per_volume: patch mode: patches cut from each case per pass.
         repeat: endless: batch ``i`` is batch ``i % len(self)`` of pass ``i // len(self)``
             (for ``fit(steps_per_epoch=...)``); :meth:`on_epoch_end` then changes nothing.
         drop_remainder: drop a last incomplete batch of each pass.
         jit_augment: "auto", True or False: ``jax.jit`` the augmentation (JAX backend).
 
     Raises:
-        ValueError: invalid arguments (named), an empty split, unequal volume shapes with
-            ``batch_size > 1`` in volume mode.
+        InputError: (a ValueError) what :class:`~tf_explog.data.sampling.SplitSampler` raises
+            for, and an invalid ``workers``, ``max_queue_size``, ``seed``, ``augment``,
+            ``jit_augment`` or ``use_multiprocessing`` with ``augment``.
         ManifestError: the manifest cannot be read or lists missing files.
     """
 
@@ -321,72 +238,37 @@ class VolumeSequence(keras.utils.PyDataset):
         drop_remainder: bool = False,
         jit_augment: Union[str, bool] = "auto",
     ) -> None:
-        if not _is_int(workers) or workers < 0:
-            raise InputError(f"workers: expected an int >= 0, got {workers!r}")
-        if not _is_int(max_queue_size) or max_queue_size < 1:
-            raise InputError(f"max_queue_size: expected a positive int, got {max_queue_size!r}")
+        check_int(workers, "workers", 0)
+        check_int(max_queue_size, "max_queue_size")
         super().__init__(workers=int(workers), use_multiprocessing=bool(use_multiprocessing),
                          max_queue_size=int(max_queue_size))
-        if not isinstance(manifest, Manifest):
-            manifest = Manifest.load(manifest)
-        if mode not in _MODES:
-            raise InputError(f"mode: expected one of {_MODES}, got {mode!r}")
-        if not _is_int(batch_size) or batch_size < 1:
-            raise InputError(f"batch_size: expected a positive int, got {batch_size!r}")
-        if not _is_int(seed) or seed < 0:
-            raise InputError(f"seed: expected an int >= 0, got {seed!r}")
-        try:
-            oversample = float(oversample)
-        except (TypeError, ValueError):
-            raise InputError(f"oversample: expected a fraction in [0, 1], got {oversample!r}")
-        if not 0.0 <= oversample <= 1.0:
-            raise InputError(f"oversample: expected a fraction in [0, 1], got {oversample!r}")
-        if not _is_int(aux_outputs) or aux_outputs < 0:
-            raise InputError(f"aux_outputs: expected an int >= 0, got {aux_outputs!r}")
-        if not _is_int(patches_per_volume) or patches_per_volume < 1:
-            raise InputError(
-                f"patches_per_volume: expected a positive int, got {patches_per_volume!r}"
-            )
-        if preprocessor is not None and not isinstance(preprocessor, Preprocessor):
-            raise InputError(
-                f"preprocessor: expected a Preprocessor, got {type(preprocessor).__name__}"
-            )
+        self.seed = check_int(seed, "seed", 0)  # tf.data accepts any; numpy seeds are >= 0
         if use_multiprocessing and augment not in (None, False):
             raise InputError(
                 "use_multiprocessing: not supported with augment (Keras ops on JAX/TensorFlow "
                 "are not safe in forked workers); use threads: workers > 1, "
                 "use_multiprocessing=False"
             )
-        patch = _positive_triple(patch_size, "patch_size")
-
-        pairs, self.with_labels = split_pairs(manifest, split, aux_outputs)
-
-        self.manifest = manifest
-        self.split = split
-        self.mode = mode
-        self.patch_size = patch
-        self.batch_size = int(batch_size)
+        self.sampler = s = SplitSampler(
+            manifest, split, mode=mode, batch_size=batch_size, patch_size=patch_size,
+            oversample=oversample, cache_dir=cache_dir, preprocessor=preprocessor,
+            aux_outputs=aux_outputs, patches_per_volume=patches_per_volume)
+        # The sampler's validated settings, under the names this class has always had.
+        self.manifest, self.split, self.mode = s.manifest, s.split, s.mode
+        self.patch_size, self.batch_size = s.patch_size, s.batch_size
+        self.oversample, self.aux_outputs = s.oversample, s.aux_outputs
+        self.patches_per_volume, self.pairs = s.patches_per_volume, s.pairs
+        self.with_labels, self.preprocessor, self.cache = s.with_labels, s.preprocessor, s.cache
         self.shuffle = bool(shuffle)
-        self.seed = int(seed)
-        self.oversample = oversample
-        self.aux_outputs = int(aux_outputs)
-        self.patches_per_volume = int(patches_per_volume) if mode == "patch" else 1
         self.repeat = bool(repeat)
         self.drop_remainder = bool(drop_remainder)
-        self.pairs = pairs
-        self.preprocessor = manifest.preprocessor_for(preprocessor)
-        self.cache = VolumeCache(
-            cache_dir if cache_dir is not None else default_cache_dir(), self.preprocessor
-        )
         self._augment_fn = build_augmentation(augment, self.seed)
         self.augmenter = (
             BatchAugmenter(self._augment_fn, jit=jit_augment)
             if self._augment_fn is not None else None
         )
-        if mode == "volume" and self.batch_size > 1:
-            self._check_equal_shapes()
 
-        self._elements = len(pairs) * self.patches_per_volume
+        self._elements = len(self.pairs) * self.patches_per_volume
         n = self._elements / self.batch_size
         self._batches = math.floor(n) if self.drop_remainder else math.ceil(n)
         if self._batches < 1:
@@ -412,7 +294,7 @@ class VolumeSequence(keras.utils.PyDataset):
 
     def __getitem__(self, index: int):
         """Batch ``index`` of the current pass (of pass ``index // len(self)`` with repeat)."""
-        if not _is_int(index) or index < 0:
+        if not is_int(index) or index < 0:
             raise IndexError(f"index: expected an int >= 0, got {index!r}")
         index = int(index)
         if self.repeat:
@@ -437,9 +319,7 @@ class VolumeSequence(keras.utils.PyDataset):
 
     def set_epoch(self, epoch: int) -> None:
         """Set the pass number (e.g. to the initial epoch when resuming a run)."""
-        if not _is_int(epoch) or epoch < 0:
-            raise InputError(f"epoch: expected an int >= 0, got {epoch!r}")
-        self._epoch = int(epoch)
+        self._epoch = check_int(epoch, "epoch", 0)
 
     def order(self, epoch: int) -> np.ndarray:
         """Case indices (into :attr:`pairs`) in the order of pass ``epoch``."""
@@ -482,15 +362,13 @@ class VolumeSequence(keras.utils.PyDataset):
                                                                   index))
         if not self.with_labels:
             return image
-        if self.aux_outputs:
-            return image, labels_by_output(lab, self.aux_outputs)
-        return image, lab
+        return image, self.sampler.targets(lab)
 
     def entry(self, case: int):
         """The cache entry of case ``case`` (built on first use, then memoised)."""
         e = self._entries.get(case)
         if e is None:
-            e = self.cache.entry(*self.pairs[case])
+            e = self.sampler.entry(case)
             self._entries[case] = e
         return e
 
@@ -501,14 +379,10 @@ class VolumeSequence(keras.utils.PyDataset):
     # ------------------------------------------------------------------ internals
 
     def _element(self, case: int, j: int, epoch: int) -> tuple:
-        e = self.entry(case)
-        if self.mode == "volume":
-            image = np.array(e.image, dtype=np.float32)  # copy out of the read-only mmap
-            lab = np.array(e.labels, dtype=np.int32) if self.with_labels else None
-            return image, lab
-        rng = np.random.default_rng([self.seed, int(epoch), _PATCH, case, j])
-        image, lab, _ = e.sample_patch(self.patch_size, rng, self.oversample)
-        return image, lab
+        rng = None
+        if self.mode == "patch":
+            rng = np.random.default_rng([self.seed, int(epoch), _PATCH, case, j])
+        return self.sampler.read(self.entry(case), rng)
 
     def _stack(self, arrays: list, what: str, order, start: int, stop: int) -> np.ndarray:
         shapes = {a.shape for a in arrays}
@@ -524,26 +398,6 @@ class VolumeSequence(keras.utils.PyDataset):
                 "batch_size=1."
             )
         return np.stack(arrays)
-
-    def _check_equal_shapes(self) -> None:
-        """Fail early, naming files, when volume-mode batches would mix shapes."""
-        p = self.preprocessor
-        if p.target_shape is not None or p.resize_shape is not None:
-            return
-        shapes: dict = {}
-        for image, _ in self.pairs:
-            shape, spacing, _ = canonical_geometry(image)
-            shapes.setdefault(p.output_shape(shape, spacing), []).append(image)
-        if len(shapes) > 1:
-            listing = "; ".join(
-                f"{s}: {len(v)} case(s), e.g. {os.path.basename(str(v[0]))}"
-                for s, v in shapes.items()
-            )
-            raise InputError(
-                "batch_size: volume mode with batch_size > 1 needs equal volume shapes, got "
-                f"{listing}. Set the preprocessor's resize_shape or target_shape, or use "
-                "batch_size=1."
-            )
 
     def __getstate__(self) -> dict:
         # Memory maps would be pickled as full copies (spawned workers): reopen them instead.
