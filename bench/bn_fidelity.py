@@ -42,7 +42,6 @@ sys.path.insert(0, str(HERE))
 
 import train_jax  # noqa: E402  (blocks TensorFlow, as on the GPU machine)
 
-import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
 
@@ -109,19 +108,14 @@ def main(argv=None) -> dict:
     train_seconds = time.perf_counter() - start
 
     from tf_explog.batchnorm import recalibrate_batchnorm
-    from tf_explog.builders import load_manifest, make_preprocessor
+    from tf_explog.builders import TrainingSetup
     from tf_explog.config import load_config
-    from tf_explog.data.core import clean_batches, split_volumes
-    import tf_explog.models  # noqa: F401  (registers the custom layers for loading)
+    from tf_explog.data.core import clean_batches
+    from tf_explog.inference import load_keras_model
 
-    config = load_config(args.config, args.overrides)
-    manifest = load_manifest(config)
-    prep = make_preprocessor(config, manifest)
-    cache = config.resolve(config.data.cache_dir) if config.data.cache_dir else (
-        config.resolve(config.data.dataset).parent / ".cache")
-    test = split_volumes(manifest, "test", prep, cache)
-    training = split_volumes(manifest, "training", prep, cache)
-    names = manifest.label_names
+    setup = TrainingSetup.from_config(load_config(args.config, args.overrides))
+    test, training = setup.volumes("test"), setup.volumes("training")
+    names = setup.label_names
     k = len(names)
     fractions = np.bincount(np.concatenate([lab.ravel() for _, lab in test]),
                             minlength=k) / sum(lab.size for _, lab in test)
@@ -133,7 +127,7 @@ def main(argv=None) -> dict:
                "val_dice_curve": summary["history"].get("val_dice"),
                "loss_curve": summary["history"].get("loss"), "evaluations": []}
     for checkpoint in ("final.keras", "best.keras"):
-        model = keras.saving.load_model(str(out / checkpoint), compile=False)
+        model = load_keras_model(out / checkpoint)
         for mode in ("as_saved", "batch_stats", "recalibrated"):
             if mode == "recalibrated":
                 recalibrate_batchnorm(model, clean_batches(training))

@@ -40,7 +40,8 @@ The paper-scale loss comparison, one arm per call (then evaluate the held-out su
     python3 bench/train_jax.py --config train_configs/reproduce_paper.yaml \
       --arm linear_dice --out $OUT/linear_dice
 
-Model, loss and metrics come from ``tf_explog.builders``, as in ``tf_explog.training``.
+Data, model, loss and metrics come from ``tf_explog.builders.TrainingSetup``, as in
+``tf_explog.training``.
 """
 
 from __future__ import annotations
@@ -78,11 +79,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
-from tf_explog.builders import (build_from_config, class_weights_for,  # noqa: E402
-                                compile_model, inference_callbacks)
-from tf_explog.data.core import split_volumes  # noqa: E402
+from tf_explog.builders import TrainingSetup  # noqa: E402
 from tf_explog.config import Config, ConfigError, load_config  # noqa: E402
-from tf_explog.data.pydataset import make_sequences_from_config  # noqa: E402
 
 PREFIX = "[train_jax]"
 
@@ -216,7 +214,8 @@ def main(argv=None) -> dict:
 
 
 def _train(config: Config, args, out: Path) -> dict:
-    train_seq, val_seq = make_sequences_from_config(config, workers=args.workers)
+    setup = TrainingSetup.from_config(config)
+    train_seq, val_seq = setup.sequences(workers=args.workers)
     t = time.perf_counter()
     cached = train_seq.warm(workers=args.workers)
     if val_seq is not None:
@@ -224,16 +223,12 @@ def _train(config: Config, args, out: Path) -> dict:
     warm_seconds = time.perf_counter() - t
     log(f"cache ready: {cached} cases in {warm_seconds:.1f} s ({train_seq.cache.cache_dir})")
 
-    manifest = train_seq.manifest
-    label_names = manifest.label_names
-    class_weights = class_weights_for(config, manifest, train_seq.preprocessor,
-                                      train_seq.cache.cache_dir)
     # "auto" means XLA on JAX whatever the device: unlike TensorFlow on this CPU (XLA ~10x
     # slower), JAX without jit runs op by op; measured on the 2-core CPU, 16^3 toy model:
     # jit 11.7 s first epoch (compile) then 0.32 s/epoch, eager 31 s then 1.5 s/epoch.
     jit = True if config.train.jit_compile == "auto" else bool(config.train.jit_compile)
-    model = build_from_config(config, len(label_names), manifest.num_channels)
-    compile_model(model, config, class_weights, label_names, jit)
+    model = setup.build_model()
+    setup.compile(model, jit)
     write_text_atomic(out / "config.yaml", config.dump())
 
     monitor = config.train.checkpoint_monitor
@@ -241,11 +236,7 @@ def _train(config: Config, args, out: Path) -> dict:
         monitor = "loss"
     clock = EpochClock()
     # Inference-mode validation after BatchNorm recalibration, as tf-explog train does.
-    cache_dir = train_seq.cache.cache_dir
-    callbacks = inference_callbacks(
-        config, split_volumes(manifest, "training", train_seq.preprocessor, cache_dir),
-        split_volumes(manifest, "validation", train_seq.preprocessor, cache_dir),
-        label_names, class_weights) + [
+    callbacks = setup.inference_callbacks() + [
         clock,
         keras.callbacks.ModelCheckpoint(str(out / "best.keras"), monitor=monitor,
                                         mode="min" if monitor.endswith("loss") else "max",

@@ -375,7 +375,7 @@ def test_predict_files_errors(tmp_path, threshold_model):
         predict_files(empty_run, good, out, progress=False)
     corrupt = tmp_path / "corrupt.keras"
     corrupt.write_bytes(b"not a zip archive")
-    with pytest.raises(ValueError, match="corrupt.keras.*cannot load"):
+    with pytest.raises(ValueError, match="corrupt.keras.*could not load"):
         predict_files(corrupt, good, out, progress=False)
     text = tmp_path / "notes.txt"
     text.write_text("hello")

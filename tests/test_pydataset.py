@@ -17,7 +17,8 @@ from tf_explog.augmentation import RandomAffine3D
 from tf_explog.config import config_from_dict
 from tf_explog.data.manifest import Manifest, ManifestError
 from tf_explog.data.preprocess import Preprocessor
-from tf_explog.data.pydataset import VolumeSequence, make_sequences_from_config
+from tf_explog.builders import TrainingSetup
+from tf_explog.data.pydataset import VolumeSequence
 
 REPO = Path(__file__).resolve().parents[1]
 FILE_SHAPE = (16, 18, 20)
@@ -315,13 +316,13 @@ def test_bad_arguments_raise_clear_errors(toy, tmp_path):
         VolumeSequence(Manifest.load(tmp_path, validation_fraction=0), "all", cache_dir=c)
 
 
-def test_sequences_from_config_mirror_make_datasets(toy, tmp_path):
+def test_training_setup_sequences_mirror_the_tf_data_stream(toy, tmp_path):
     raw = {"name": "t", "seed": 7, "data": {
         "dataset": str(toy), "validation_fraction": 0.25, "mode": "patch",
         "patch_size": [16, 16, 16], "oversample": 0.5, "preprocess": {"target_shape": 16}},
         "model": {"aux_outputs": 1}, "train": {"batch_size": 2}}
     config = config_from_dict(raw)
-    train, val = make_sequences_from_config(config)
+    train, val = TrainingSetup.from_config(config, validate=False).sequences()
     assert (train.split, train.mode, train.patch_size, train.batch_size) == (
         "training", "patch", (16, 16, 16), 2)
     assert train.shuffle and train.seed == 7 and train.oversample == 0.5 and not train.repeat
@@ -334,7 +335,7 @@ def test_sequences_from_config_mirror_make_datasets(toy, tmp_path):
     assert x.shape == (1, 16, 16, 16, 1) and y["aux_1"].shape == (1, 16, 16, 16)
     config = config_from_dict(raw, ["train.steps_per_epoch=5", "data.augment.enabled=false",
                                     f"data.cache_dir={tmp_path / 'cc'}"])
-    train, _ = make_sequences_from_config(config, workers=2)
+    train, _ = TrainingSetup.from_config(config, validate=False).sequences(workers=2)
     assert train.repeat and train.num_batches is None and train.augmenter is None
     assert train.workers == 2 and train.cache.cache_dir == tmp_path / "cc"
 

@@ -1,15 +1,24 @@
-"""Keras objects built from a `Config`: model, loss, metrics, optimizer, data settings.
+"""From a `Config` to everything training needs: :class:`TrainingSetup`.
 
-Shared by the TensorFlow training path (`tf_explog.training`) and the TensorFlow-free JAX
-path (`bench/train_jax.py` over `tf_explog.data.pydataset`), so this module must not import
-TensorFlow.
+``TrainingSetup.from_config(config)`` reads and validates the data set, fixes the
+preprocessing and the volume cache, counts the class weights, and builds the model, loss,
+metrics, optimizer, augmentation, the input stream (``tf.data`` or a ``PyDataset``) and the
+callbacks that validate in inference mode. Every trainer uses it: ``tf_explog.training``
+(``fit``), ``tf_explog.distributed`` (the multi-worker loop), the JAX path
+(``bench/train_jax.py``) and, through those, ``tf_explog.experiments``.
+
+The module-level functions are its parts, for callers that hold the pieces already. This
+module must not import TensorFlow (only :meth:`TrainingSetup.tf_dataset` does, when called).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import inspect
+from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
+from typing import Any, Optional
 
 import keras
 
@@ -179,3 +188,141 @@ def inference_callbacks(config: Config, train_volumes, val_volumes, label_names,
             tta=t.validation_tta, loss=make_loss(config, class_weights),
             every=t.validation_every, eager=eager_validation))
     return callbacks
+
+
+# --------------------------------------------------------------------------------------
+# The whole setup
+# --------------------------------------------------------------------------------------
+
+
+@dataclass
+class TrainingSetup:
+    """A config turned into data, class weights and Keras objects, in one place.
+
+    Attributes:
+        config: the validated `Config`.
+        manifest: the data set (`tf_explog.data.manifest.Manifest`, label map applied).
+        preprocessor: the preprocessing (`tf_explog.data.preprocess.Preprocessor`).
+        cache_dir: the volume cache shared by every front end.
+    """
+
+    config: Config
+    manifest: Any
+    preprocessor: Any
+    cache_dir: Path
+
+    @classmethod
+    def from_config(cls, config: Config, *, validate: bool = True) -> "TrainingSetup":
+        """Reads the data set of ``config`` and, with ``validate``, checks every case of
+        every split first (all problems at once, each naming its file; a clean check is
+        remembered in the cache until a file changes).
+
+        Raises:
+            ManifestError: the data set is unusable.
+            ConfigError: the config does not fit the data set.
+        """
+        manifest = load_manifest(config)
+        cache_dir = cache_dir_for(config)
+        if validate:
+            manifest.validate(cache_dir=cache_dir)
+        return cls(config, manifest, make_preprocessor(config, manifest), cache_dir)
+
+    # ------------------------------------------------------------------ data
+
+    @property
+    def label_names(self) -> list:
+        return list(self.manifest.label_names)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.manifest.label_names)
+
+    @property
+    def num_channels(self) -> int:
+        return int(self.manifest.num_channels)
+
+    @cached_property
+    def class_weights(self) -> Optional[list]:
+        """``loss.class_weights`` resolved ("auto": from the training split, counted once)."""
+        return class_weights_for(self.config, self.manifest, self.preprocessor,
+                                 self.cache_dir)
+
+    def volumes(self, split: str):
+        """The preprocessed whole volumes of a split (`SplitVolumes`), None when empty."""
+        from tf_explog.data.core import split_volumes
+
+        return split_volumes(self.manifest, split, self.preprocessor, self.cache_dir)
+
+    @property
+    def window(self) -> Optional[tuple]:
+        """The sliding window of a patch-trained model (its patch size), None for volumes."""
+        return patch_window(self.config)
+
+    def augmentation(self):
+        return make_augmentation(self.config, self.config.seed)
+
+    def tf_dataset(self, batch_size: Optional[int] = None):
+        """The shuffled, augmented ``tf.data`` stream of the training split (TensorFlow).
+
+        Validation does not stream: it runs on whole volumes in inference mode
+        (:meth:`inference_callbacks`).
+        """
+        from tf_explog.data.pipeline import make_dataset
+
+        c, d = self.config, self.config.data
+        return make_dataset(
+            self.manifest, "training", mode=d.mode, patch_size=tuple(d.patch_size),
+            batch_size=batch_size or c.train.batch_size, cache_dir=self.cache_dir,
+            preprocessor=self.preprocessor, aux_outputs=c.model.aux_outputs, shuffle=True,
+            seed=c.seed, oversample=d.oversample, augment=self.augmentation(),
+            repeat=c.train.steps_per_epoch is not None)
+
+    def sequence(self, split: str = "training", *, batch_size: Optional[int] = None,
+                 workers: int = 1, use_multiprocessing: bool = False,
+                 max_queue_size: int = 10):
+        """The `VolumeSequence` (``keras.utils.PyDataset``, any backend) of a split.
+
+        Training: shuffled, augmented as ``data.augment`` says, endless when
+        ``train.steps_per_epoch`` is set. Other splits: manifest order, no augmentation.
+        """
+        from tf_explog.data.pydataset import VolumeSequence
+
+        c, d = self.config, self.config.data
+        training = split == "training"
+        return VolumeSequence(
+            self.manifest, split, mode=d.mode, patch_size=tuple(d.patch_size),
+            batch_size=int(batch_size or c.train.batch_size), shuffle=training,
+            seed=int(c.seed), oversample=d.oversample, cache_dir=self.cache_dir,
+            preprocessor=self.preprocessor,
+            augment=self.augmentation() if training else None,
+            aux_outputs=int(c.model.aux_outputs), workers=workers,
+            use_multiprocessing=use_multiprocessing, max_queue_size=max_queue_size,
+            repeat=training and c.train.steps_per_epoch is not None)
+
+    def sequences(self, **kwargs) -> tuple:
+        """``(training sequence, validation sequence or None)``; see :meth:`sequence`."""
+        val = (self.sequence("validation", **kwargs)
+               if self.manifest.entries("validation") else None)
+        return self.sequence("training", **kwargs), val
+
+    # ------------------------------------------------------------------ Keras objects
+
+    def loss(self, reduction: Optional[str] = "sum_over_batch_size") -> keras.losses.Loss:
+        return make_loss(self.config, self.class_weights, reduction=reduction)
+
+    def optimizer(self) -> keras.optimizers.Optimizer:
+        return make_optimizer(self.config)
+
+    def build_model(self) -> keras.Model:
+        return build_from_config(self.config, self.num_classes, self.num_channels)
+
+    def compile(self, model: keras.Model, jit_compile) -> keras.Model:
+        return compile_model(model, self.config, self.class_weights, self.label_names,
+                             jit_compile)
+
+    def inference_callbacks(self, eager_validation: bool = False) -> list:
+        """NaN guard, epoch timer, BatchNorm recalibration and inference-mode validation,
+        in that order (see :func:`inference_callbacks`)."""
+        return inference_callbacks(self.config, self.volumes("training"),
+                                   self.volumes("validation"), self.label_names,
+                                   self.class_weights, eager_validation=eager_validation)

@@ -192,8 +192,12 @@ class Config:
     base_dir: str = field(default=".", metadata={"internal": True})
 
     def validate(self):
-        if not self.name or "/" in self.name:
-            raise ConfigError(f"name must be a non-empty string without '/'; got {self.name!r}.")
+        from tf_explog.runs import RunError, check_run_name
+
+        try:
+            check_run_name(self.name)  # the run folder must stay inside runs_dir
+        except RunError as err:
+            raise ConfigError(str(err)) from None
         self.data.validate("data")
         self.model.validate("model")
         self.loss.validate("loss")

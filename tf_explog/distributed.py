@@ -14,7 +14,6 @@ the other workers write their (required) checkpoint copies to a temporary direct
 
 from __future__ import annotations
 
-import json
 import shutil
 import tempfile
 import time
@@ -27,9 +26,10 @@ import tensorflow as tf
 from tf_explog.batchnorm import recalibrate_batchnorm
 from tf_explog.callbacks import (NonFiniteGuard, eager_predict, read_metrics_csv,
                                  validate_volumes, write_metrics_csv)
-from tf_explog.data.core import clean_batches, split_volumes
+from tf_explog.data.core import clean_batches
 from tf_explog.errors import InputError, NonFiniteError
 from tf_explog.metrics import _log_key
+from tf_explog.runs import Run
 
 
 def _is_chief(resolver) -> bool:
@@ -38,47 +38,43 @@ def _is_chief(resolver) -> bool:
                                             and "chief" not in resolver.cluster_spec().jobs)
 
 
-def train_multi_worker(config, run_dir: Path, fresh: bool = True):
-    from tf_explog import builders as b
-    from tf_explog import training as tr
+def train_multi_worker(config, run: Run, fresh: bool = True) -> dict:
+    """Trains ``config`` in ``run`` with the custom loop; returns the history."""
+    from tf_explog.builders import (TrainingSetup, make_loss, make_optimizer, monitor_name,
+                                    term_metrics)
 
     strategy = tf.distribute.MultiWorkerMirroredStrategy()
     chief = _is_chief(strategy.cluster_resolver)
-    work_dir = Path(run_dir) if chief else Path(tempfile.mkdtemp(prefix="tf_explog_worker_"))
+    # Only the chief writes the run; the others need somewhere for their checkpoint copies.
+    work = run if chief else Run(Path(tempfile.mkdtemp(prefix="tf_explog_worker_")))
 
-    manifest = b.load_manifest(config)
-    cache_dir = b.cache_dir_for(config)
-    manifest.validate(cache_dir=cache_dir)
-    preprocessor = b.make_preprocessor(config, manifest)
+    setup = TrainingSetup.from_config(config)
     if chief and fresh:
-        tr.write_run_file(run_dir, config, manifest.label_names, manifest.num_channels,
-                          preprocessor)
-    class_weights = b.class_weights_for(config, manifest, preprocessor, cache_dir)
-    label_names = manifest.label_names
+        run.write_info(config, setup.label_names, setup.num_channels, setup.preprocessor)
+    class_weights = setup.class_weights
+    label_names = setup.label_names
     global_batch = config.train.batch_size
     # The per-epoch step count must be the same on every worker: use a repeating stream.
     steps = config.train.steps_per_epoch or max(
-        1, len(manifest.entries("training")) // global_batch)
+        1, len(setup.manifest.entries("training")) // global_batch)
     config.train.steps_per_epoch = steps
-    train_ds = tr.make_train_dataset(config, manifest, preprocessor, cache_dir, global_batch)
-    train_volumes = split_volumes(manifest, "training", preprocessor, cache_dir)
-    val_volumes = split_volumes(manifest, "validation", preprocessor, cache_dir)
-    window = b.patch_window(config)
-    recalibration = clean_batches(train_volumes, window)
+    train_ds = setup.tf_dataset(global_batch)
+    val_volumes = setup.volumes("validation")
+    recalibration = clean_batches(setup.volumes("training"), setup.window)
     if config.model.aux_outputs:
         raise InputError("train.strategy=multi_worker supports model.aux_outputs=0 only.")
 
     with strategy.scope():
-        model = b.build_from_config(config, len(label_names), manifest.num_channels)
-        optimizer = b.make_optimizer(config)
-        loss_fn = b.make_loss(config, class_weights, reduction=None)
+        model = setup.build_model()
+        optimizer = make_optimizer(config)
+        loss_fn = make_loss(config, class_weights, reduction=None)
         epoch_var = tf.Variable(0, dtype=tf.int64, trainable=False)
         optimizer.build(model.trainable_variables)
-    terms = b.term_metrics(loss_fn)
-    val_loss_fn = b.make_loss(config, class_weights)
+    terms = term_metrics(loss_fn)
+    val_loss_fn = make_loss(config, class_weights)
 
     checkpoint = tf.train.Checkpoint(model=model, optimizer=optimizer, epoch=epoch_var)
-    manager = tf.train.CheckpointManager(checkpoint, str(work_dir / "backup"), max_to_keep=1)
+    manager = tf.train.CheckpointManager(checkpoint, str(work.backup_dir), max_to_keep=1)
     if manager.latest_checkpoint:
         checkpoint.restore(manager.latest_checkpoint)
 
@@ -101,11 +97,11 @@ def train_multi_worker(config, run_dir: Path, fresh: bool = True):
         return [strategy.reduce(tf.distribute.ReduceOp.SUM, v, axis=None)
                 for v in per_replica]
 
-    writer = tf.summary.create_file_writer(str(work_dir / "tensorboard" / "train"))
-    val_writer = tf.summary.create_file_writer(str(work_dir / "tensorboard" / "validation"))
-    csv_path = work_dir / "metrics.csv"
-    best_path = work_dir / tr.BEST_CHECKPOINT
-    (work_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+    writer = tf.summary.create_file_writer(str(work.tensorboard_dir / "train"))
+    val_writer = tf.summary.create_file_writer(str(work.tensorboard_dir / "validation"))
+    csv_path = work.metrics_csv
+    best_path = work.best_checkpoint
+    work.checkpoints_dir.mkdir(parents=True, exist_ok=True)
     best = -np.inf
     history: dict[str, list] = {}
     csv_rows = read_metrics_csv(csv_path) if csv_path.is_file() else []
@@ -136,7 +132,7 @@ def train_multi_worker(config, run_dir: Path, fresh: bool = True):
             recalibrate_batchnorm(model, recalibration,
                                   passes=config.train.bn_recalibration_passes)
         if val_volumes is not None:
-            result = validate_volumes(model, val_volumes, len(label_names), window=window,
+            result = validate_volumes(model, val_volumes, len(label_names), window=setup.window,
                                       tta=config.train.validation_tta,
                                       loss=val_loss_fn, predict=eager_predict(model))
             logs["val_dice"] = result["dice"]
@@ -154,7 +150,7 @@ def train_multi_worker(config, run_dir: Path, fresh: bool = True):
                     tf.summary.scalar(f"epoch_{key[4:]}", value, step=epoch)
         epoch_var.assign(epoch + 1)
         manager.save()  # every worker must take part; non-chiefs write to a temp dir
-        monitor = logs.get(b.monitor_name(config))
+        monitor = logs.get(monitor_name(config))
         if chief:
             if monitor is not None and monitor > best:
                 best = monitor
@@ -167,16 +163,14 @@ def train_multi_worker(config, run_dir: Path, fresh: bool = True):
             shown = " ".join(f"{k}={v:.4f}" for k, v in logs.items())
             print(f"[tf_explog] epoch {epoch + 1}/{config.train.epochs} {shown}", flush=True)
 
-    final = work_dir / tr.FINAL_MODEL
     if not chief:
-        shutil.rmtree(work_dir, ignore_errors=True)  # only the chief's files are kept
+        shutil.rmtree(work.path, ignore_errors=True)  # only the chief's files are kept
     else:
-        model.save(str(final))
+        model.save(str(run.final_model))
         if not best_path.exists():
             model.save(str(best_path))
-        (work_dir / "history.json").write_text(json.dumps(history, indent=1))
-    return tr.TrainResult(Path(run_dir), history, Path(run_dir) / tr.BEST_CHECKPOINT,
-                          Path(run_dir) / tr.FINAL_MODEL)
+        run.write_history(history)
+    return history
 
 
 def _check_finite(logs: dict, model, epoch: int) -> None:

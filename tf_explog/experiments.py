@@ -17,7 +17,6 @@ last epoch; a run that fails is reported in ``report.md`` and the others go on.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import platform
@@ -30,13 +29,10 @@ from pathlib import Path
 from typing import Any, Optional
 
 import numpy as np
-import yaml
 
 from tf_explog.config import ConfigError, _build, load_config
 from tf_explog.files import atomic_write, write_json
-
-DONE_FILE = "DONE.json"
-
+from tf_explog.runs import RUN_FILE, Run
 
 @dataclass
 class SyntheticData:
@@ -217,7 +213,7 @@ def segment_and_evaluate(run_dir: Path, entries, label_names, progress: bool = T
     try:
         for entry in entries:
             os.symlink(Path(entry.image).resolve(), links / Path(entry.image).name)
-        pred_dir = Path(run_dir) / "test_predictions"
+        pred_dir = Run.open(run_dir).predictions_dir
         start = time.perf_counter()
         predict_files(run_dir, links, pred_dir, overwrite=True, progress=progress)
         seconds = time.perf_counter() - start
@@ -239,13 +235,14 @@ def run_arm(config, run_dir: Path, test_entries, label_names, label_map=None,
     from tf_explog.callbacks import read_metrics_csv
     from tf_explog.training import train
 
-    done = run_dir / DONE_FILE
-    if done.is_file():
+    run = Run(Path(run_dir))
+    done = run.read_done() if (run.path / RUN_FILE).is_file() else None
+    if done is not None:
         print(f"[reproduce] {run_dir.parent.name}/{run_dir.name}: finished earlier, skipped",
               flush=True)
-        return json.loads(done.read_text())
+        return done
     start = time.perf_counter()
-    if (run_dir / "run.json").is_file():
+    if (run.path / RUN_FILE).is_file():
         print(f"[reproduce] {run_dir.parent.name}/{run_dir.name}: resuming", flush=True)
         train(None, resume=run_dir)
     else:
@@ -257,7 +254,7 @@ def run_arm(config, run_dir: Path, test_entries, label_names, label_map=None,
     evaluation, predict_seconds, voxels = segment_and_evaluate(
         run_dir, test_entries, label_names, progress=False, label_map=label_map,
         unknown_labels=unknown_labels)
-    rows = read_metrics_csv(run_dir / "metrics.csv")
+    rows = read_metrics_csv(run.metrics_csv)
     validated = [r for r in rows if "val_dice" in r]
     summary = {
         "rows": evaluation.rows,
@@ -272,7 +269,7 @@ def run_arm(config, run_dir: Path, test_entries, label_names, label_map=None,
         "inference_seconds_per_128cube": predict_seconds * 128**3 / max(voxels, 1),
         "test_subjects": [e.id for e in test_entries],
     }
-    write_json(done, summary, indent=None)
+    run.write_done(summary)
     return summary
 
 

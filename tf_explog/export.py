@@ -108,7 +108,7 @@ def export_saved_model(
 
     Args:
         model_or_run_dir: a run directory (``run.json`` + checkpoints, see
-            :func:`tf_explog.training.load_run_info`), a ``.keras`` file, or a ``keras.Model``
+            :class:`tf_explog.runs.Run`), a ``.keras`` file, or a ``keras.Model``
             whose input is ``[batch, None, None, None, C]``.
         base_dir: the model base path TF Serving is pointed at (parent of ``name``).
         name: model name (the ``MODEL_NAME`` of TF Serving); default: the run's config name,
@@ -421,50 +421,33 @@ def _resolve_source(obj: Any, checkpoint: str) -> dict:
         return {"model": _load_model(path), "info": {}, "what": str(path),
                 "default_name": path.stem, "kind": "keras_file", "path": str(path.resolve())}
 
-    from tf_explog.training import load_run_info  # heavy; only for run directories
+    from tf_explog.runs import Run
 
-    info = load_run_info(path)  # FileNotFoundError for a missing dir or run.json
-    if not isinstance(info, Mapping):
-        raise ExportError(f"{path / 'run.json'}: expected a JSON object")
-    if (path / "FAILED.json").is_file():
-        raise ExportError(f"{path}: this run failed ({path / 'FAILED.json'}); export one of "
+    run = Run.open(path)  # RunNotFoundError (a FileNotFoundError) for a missing dir/run.json
+    if run.failed:
+        raise ExportError(f"{path}: this run failed ({run.failed_file}); export one of "
                           "its checkpoints explicitly if you are sure it is sound")
-    keys = {"best": "best_checkpoint", "final": "final_model"}
-    if checkpoint not in keys:
+    if checkpoint not in ("best", "final"):
         raise ExportError(f"checkpoint: expected 'best' or 'final', got {checkpoint!r}")
-    rel = info.get(keys[checkpoint])
-    if not isinstance(rel, str) or not rel:
-        raise ExportError(
-            f"{path / 'run.json'}: field {keys[checkpoint]!r} is missing or not a path"
-        )
-    model_path = path / rel
-    if not model_path.is_file():
-        raise FileNotFoundError(
-            f"{model_path}: checkpoint not found (run.json field {keys[checkpoint]!r}); "
-            "has the run saved one yet?"
-        )
+    model_path = run.checkpoint(checkpoint)
+    info = run.info
     config = info.get("config") if isinstance(info.get("config"), Mapping) else {}
     default_name = config.get("name") or path.resolve().parent.name
     return {"model": _load_model(model_path), "info": info, "what": str(path),
             "default_name": default_name, "kind": "run_dir", "path": str(path.resolve()),
-            "checkpoint": rel}
+            "checkpoint": str(model_path.relative_to(run.path))}
 
 
 def _load_model(path: Path) -> keras.Model:
-    """``keras.saving.load_model`` with the package's custom objects registered."""
-    # Imported for their registrations (Block, losses, metrics) in the Keras serialiser.
-    import tf_explog.layers  # noqa: F401
-    import tf_explog.losses  # noqa: F401
-    import tf_explog.metrics  # noqa: F401
+    """The inference loader (custom objects registered), its errors as `ExportError`."""
+    from tf_explog.inference import InferenceError, ModelNotFoundError, load_keras_model
 
     try:
-        model = keras.saving.load_model(path, compile=False)
-    except Exception as err:  # the Keras loader raises many kinds; report them as one
-        raise ExportError(f"{path}: could not load the Keras model ({type(err).__name__}: {err})") \
-            from err
-    if not isinstance(model, keras.Model):
-        raise ExportError(f"{path}: expected a Keras model, got {type(model).__name__}")
-    return model
+        return load_keras_model(path)
+    except ModelNotFoundError:
+        raise
+    except InferenceError as err:
+        raise ExportError(str(err)) from err
 
 
 def _model_io(model: keras.Model, what: str) -> tuple:

@@ -18,8 +18,8 @@ flip-symmetric whatever the model: ``TTA(flip_a(x)) = flip_a(TTA(x))``.
 :func:`predict_files` segments NIfTI files with a trained run (or a ``.keras`` file) and writes
 label maps that overlay the inputs voxel for voxel (same shape, affine and orientation).
 
-``predict_volume`` uses NumPy and Keras only (no TensorFlow import); ``predict_files`` imports
-:mod:`tf_explog.training` (TensorFlow) only to read a run directory's ``run.json``.
+This module uses NumPy and Keras only (no TensorFlow import); run directories are read
+through :class:`tf_explog.runs.Run`.
 """
 
 from __future__ import annotations
@@ -387,12 +387,21 @@ class Predictor:
     source: str
 
 
-def _load_keras_file(path: Path) -> keras.Model:
+def load_keras_model(path: PathLike) -> keras.Model:
+    """A trained ``.keras`` model, with the package's custom objects, refused if any weight is
+    NaN or Inf (such a model cannot segment anything).
+
+    Raises:
+        ModelNotFoundError: no such file.
+        InferenceError: not a ``.keras`` file, unreadable, or non-finite weights.
+    """
     # Importing these registers the package's custom layers/losses/metrics for deserialisation.
     import tf_explog.layers  # noqa: F401
     import tf_explog.losses  # noqa: F401
-    import tf_explog.metrics  # noqa: F401
+    import tf_explog.metrics  # noqa: F401  (registrations)
+    from tf_explog.callbacks import non_finite_weights
 
+    path = Path(path)
     if not path.is_file():
         raise ModelNotFoundError(f"{path}: model file not found")
     if path.suffix != ".keras":
@@ -400,9 +409,10 @@ def _load_keras_file(path: Path) -> keras.Model:
     try:
         model = keras.saving.load_model(path, compile=False)
     except Exception as exc:  # Keras raises many types for a corrupt archive
-        raise InferenceError(f"{path}: cannot load the Keras model ({type(exc).__name__}: {exc})") from exc
-    from tf_explog.callbacks import non_finite_weights
-
+        raise InferenceError(f"{path}: could not load the Keras model "
+                             f"({type(exc).__name__}: {exc})") from exc
+    if not isinstance(model, keras.Model):
+        raise InferenceError(f"{path}: expected a Keras model, got {type(model).__name__}")
     bad = non_finite_weights(model)
     if bad:
         raise InferenceError(f"{path}: {len(bad)} weight tensor(s) hold NaN/Inf (first: "
@@ -435,37 +445,21 @@ def load_predictor(model: Union[PathLike, keras.Model]) -> Predictor:
             f"{path}: not found; expected a run directory (with run.json) or a .keras model file"
         )
     if not path.is_dir():
-        return Predictor(_load_keras_file(path), Preprocessor(normalization="zscore"), None, None,
+        return Predictor(load_keras_model(path), Preprocessor(normalization="zscore"), None, None,
                          str(path))
 
-    from tf_explog.training import load_run_info  # TensorFlow; only needed for run directories
+    from tf_explog.runs import Run
 
-    info = load_run_info(path)
-    run_json = path / "run.json"
-    try:
-        preprocessor = Preprocessor.from_dict(info["preprocessor"])
-    except KeyError:
-        raise InferenceError(f"{run_json}: missing the 'preprocessor' entry") from None
-    except ValueError as exc:
-        raise InferenceError(f"{run_json}: invalid 'preprocessor' entry: {exc}") from exc
-    label_names = info.get("label_names")
-    if label_names is not None and not isinstance(label_names, list):
-        raise InferenceError(f"{run_json}: 'label_names' must be a list, got {label_names!r}")
-    candidates = [info.get("best_checkpoint", "checkpoints/best.keras"),
-                  info.get("final_model", "checkpoints/final.keras")]
-    checkpoint = next((path / c for c in candidates if c and (path / c).is_file()), None)
-    if checkpoint is None:
-        raise ModelNotFoundError(f"{path}: no model checkpoint found (looked for {candidates})")
-    keras_model = _load_keras_file(checkpoint)
-    window = None
-    data = (info.get("config") or {}).get("data") or {}
-    if data.get("mode") == "patch" and data.get("patch_size"):
-        window = _triple_int(data["patch_size"], f"{run_json}: config.data.patch_size")
+    run = Run.open(path)
+    preprocessor, label_names, window = run.preprocessor, run.label_names, run.window
+    checkpoint = run.checkpoint("best")  # the final model when there is no best one
+    keras_model = load_keras_model(checkpoint)
     _, channels = _model_input(keras_model)
-    expected = info.get("num_channels")
-    if expected is not None and channels is not None and int(expected) != channels:
+    expected = run.num_channels
+    if expected is not None and channels is not None and expected != channels:
         raise InferenceError(
-            f"{run_json}: num_channels={expected} but {checkpoint} expects {channels} channel(s)"
+            f"{path / 'run.json'}: num_channels={expected} but {checkpoint} expects "
+            f"{channels} channel(s)"
         )
     return Predictor(keras_model, preprocessor, label_names, window, str(path))
 

@@ -47,7 +47,6 @@ from __future__ import annotations
 import math
 import os
 import threading
-from pathlib import Path
 from typing import Any, Callable, Optional, Sequence, Union
 
 import keras
@@ -62,8 +61,6 @@ __all__ = [
     "VolumeSequence",
     "BatchAugmenter",
     "build_augmentation",  # re-exported from tf_explog.data.sampling
-    "make_sequence_from_config",
-    "make_sequences_from_config",
 ]
 
 PathLike = Union[str, os.PathLike]
@@ -410,90 +407,3 @@ class VolumeSequence(keras.utils.PyDataset):
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
         self._guard = threading.Lock()
-
-
-# ---------------------------------------------------------------------- from a config
-
-
-def _config_parts(config) -> tuple:
-    """Manifest, preprocessor and cache directory of a config, as tf_explog.training does."""
-    from tf_explog import builders
-
-    manifest = builders.load_manifest(config)
-    return manifest, builders.make_preprocessor(config, manifest), \
-        Path(builders.cache_dir_for(config))
-
-
-def make_sequence_from_config(
-    config,
-    split: str = "training",
-    *,
-    manifest: Optional[Manifest] = None,
-    preprocessor: Optional[Preprocessor] = None,
-    cache_dir: Optional[PathLike] = None,
-    batch_size: Optional[int] = None,
-    workers: int = 1,
-    use_multiprocessing: bool = False,
-    max_queue_size: int = 10,
-) -> VolumeSequence:
-    """The :class:`VolumeSequence` of a split, set up as ``tf_explog.training.make_datasets``.
-
-    Training: shuffled, augmented as ``data.augment`` says, ``repeat`` when
-    ``train.steps_per_epoch`` is set. Other splits: manifest order, no augmentation. Both use
-    ``data.mode``, ``data.patch_size``, ``data.oversample``, ``seed``, the configured
-    preprocessing and cache, and ``model.aux_outputs``.
-
-    Args:
-        config: a validated :class:`tf_explog.config.Config`.
-        split: "training", "validation", "test" or "all".
-        manifest, preprocessor, cache_dir: override what the config gives (e.g. to share
-            one manifest between splits).
-        batch_size: default ``train.batch_size``.
-        workers, use_multiprocessing, max_queue_size: see :class:`VolumeSequence`.
-
-    Returns:
-        The sequence.
-
-    Raises:
-        ValueError: the split is empty or an argument is invalid.
-    """
-    from tf_explog import builders
-
-    if manifest is None or preprocessor is None or cache_dir is None:
-        m, p, c = _config_parts(config)
-        manifest = manifest if manifest is not None else m
-        preprocessor = preprocessor if preprocessor is not None else p
-        cache_dir = cache_dir if cache_dir is not None else c
-    d = config.data
-    training = split == "training"
-    return VolumeSequence(
-        manifest, split, mode=d.mode, patch_size=tuple(d.patch_size),
-        batch_size=int(batch_size if batch_size is not None else config.train.batch_size),
-        shuffle=training, seed=int(config.seed), oversample=d.oversample,
-        cache_dir=cache_dir, preprocessor=preprocessor,
-        augment=builders.make_augmentation(config, config.seed) if training else None,
-        aux_outputs=int(config.model.aux_outputs), workers=workers,
-        use_multiprocessing=use_multiprocessing, max_queue_size=max_queue_size,
-        repeat=training and config.train.steps_per_epoch is not None,
-    )
-
-
-def make_sequences_from_config(config, **kwargs) -> tuple:
-    """``(training sequence, validation sequence or None)``, like ``make_datasets``.
-
-    Args:
-        config: a validated :class:`tf_explog.config.Config`.
-        **kwargs: passed to :func:`make_sequence_from_config` (``workers``, ...).
-
-    Returns:
-        The two sequences; None for validation when that split is empty.
-    """
-    manifest, preprocessor, cache_dir = _config_parts(config)
-    for key in ("manifest", "preprocessor", "cache_dir"):
-        kwargs.setdefault(key, {"manifest": manifest, "preprocessor": preprocessor,
-                                "cache_dir": cache_dir}[key])
-    train = make_sequence_from_config(config, "training", **kwargs)
-    val = None
-    if kwargs["manifest"].entries("validation"):
-        val = make_sequence_from_config(config, "validation", **kwargs)
-    return train, val

@@ -1,0 +1,79 @@
+"""Run directories: created inside runs_dir, read back whole, the right checkpoint chosen."""
+
+import json
+
+import pytest
+
+from tf_explog.config import ConfigError, config_from_dict
+from tf_explog.data.preprocess import Preprocessor
+from tf_explog.runs import Run, RunError, RunNotFoundError
+
+
+def _config(tmp_path, **overrides):
+    raw = {"name": "exp", "runs_dir": str(tmp_path / "runs"),
+           "data": {"dataset": "d.json", "mode": "patch", "patch_size": [32, 16, 16]}}
+    raw.update(overrides)
+    return config_from_dict(raw)
+
+
+@pytest.mark.parametrize("name", ["..", ".", "a/b", ".hidden", "-x", "", "a\\b", "x" * 200])
+def test_names_that_would_leave_runs_dir_are_refused(tmp_path, name):
+    with pytest.raises(ConfigError, match="name"):
+        _config(tmp_path, name=name)
+
+
+def test_create_write_open_round_trip(tmp_path):
+    config = _config(tmp_path)
+    run = Run.create(config)
+    assert run.path.parent == tmp_path / "runs" / "exp" and run.checkpoints_dir.is_dir()
+    second = Run.create(config)  # same second: a suffix, never the same folder
+    assert second.path != run.path
+    prep = Preprocessor(target_shape=32, normalization="zscore")
+    run.write_info(config, ["background", "a", "b"], 2, prep)
+    back = Run.open(run.path)
+    assert back.label_names == ["background", "a", "b"] and back.num_channels == 2
+    assert back.window == (32, 16, 16)
+    assert back.preprocessor.to_dict() == prep.to_dict()
+    assert back.config.to_dict() == config.to_dict()
+    assert (run.path / "config.yaml").read_text().startswith("name: exp")
+
+
+def test_checkpoint_choice_and_run_states(tmp_path):
+    run = Run.create(_config(tmp_path))
+    run.write_info(_config(tmp_path), ["bg", "a"], 1, Preprocessor())
+    with pytest.raises(RunNotFoundError, match="best_checkpoint.*final_model"):
+        run.checkpoint("best")
+    run.final_model.write_bytes(b"final")
+    assert run.checkpoint("best") == run.final_model  # no best one: the final model
+    run.best_checkpoint.write_bytes(b"best")
+    assert run.checkpoint("best") == run.best_checkpoint
+    assert run.checkpoint("final") == run.final_model
+    with pytest.raises(RunError, match="'best' or 'final'"):
+        run.checkpoint("last")
+    assert run.finished
+    with pytest.raises(RunError, match="finished"):
+        run.check_resumable()
+    run.backup_dir.mkdir()  # resume state left: not finished
+    run.check_resumable()
+    run.mark_failed("loss NaN at epoch 3")
+    assert json.loads(run.failed_file.read_text())["error"] == "loss NaN at epoch 3"
+    with pytest.raises(RunError, match="failed"):
+        run.checkpoint("best")
+
+
+def test_bad_run_directories_name_the_file(tmp_path):
+    with pytest.raises(RunNotFoundError, match="not found"):
+        Run.open(tmp_path / "missing")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(RunNotFoundError, match="run.json is missing"):
+        Run.open(tmp_path / "empty")
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "run.json").write_text("{not json")
+    with pytest.raises(RunError, match="run.json: unreadable"):
+        Run.open(broken).info
+    (broken / "run.json").write_text(json.dumps({"label_names": "abc"}))
+    with pytest.raises(RunError, match="'label_names' must be a list"):
+        Run.open(broken).label_names
+    with pytest.raises(RunError, match="missing the 'preprocessor' entry"):
+        Run.open(broken).preprocessor
