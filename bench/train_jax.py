@@ -47,12 +47,10 @@ Data, model, loss and metrics come from ``tf_explog.builders.TrainingSetup``, as
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import platform
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -81,25 +79,13 @@ import numpy as np  # noqa: E402
 
 from tf_explog.builders import TrainingSetup  # noqa: E402
 from tf_explog.config import Config, ConfigError, load_config  # noqa: E402
+from tf_explog.files import atomic_write  # noqa: E402
 
 PREFIX = "[train_jax]"
 
 
 def log(message: str) -> None:
     print(f"{PREFIX} {message}", flush=True)
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write through a temporary file in the same folder and a rename."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
 
 
 def devices() -> list:
@@ -229,7 +215,7 @@ def _train(config: Config, args, out: Path) -> dict:
     jit = True if config.train.jit_compile == "auto" else bool(config.train.jit_compile)
     model = setup.build_model()
     setup.compile(model, jit)
-    write_text_atomic(out / "config.yaml", config.dump())
+    atomic_write(out / "config.yaml", config.dump())
 
     monitor = config.train.checkpoint_monitor
     if val_seq is None and monitor.startswith("val_"):
@@ -284,7 +270,7 @@ def _train(config: Config, args, out: Path) -> dict:
         "median_later_epoch_seconds": float(np.median(secs[1:])) if len(secs) > 1 else None,
         "history": {k: [float(v) for v in vals] for k, vals in history.history.items()},
     }
-    write_text_atomic(out / "summary.json", json.dumps(summary, indent=1))
+    atomic_write(out / "summary.json", json.dumps(summary, indent=1))
     log(f"done: fit {fit_seconds:.1f} s, epoch seconds {[round(s, 2) for s in secs]}, "
         f"outputs in {out}")
     return summary

@@ -43,14 +43,16 @@ import io
 import json
 import math
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 from scipy import ndimage
+
+from tf_explog.data.nifti import list_nifti_files, nifti_stem, voxel_spacing
 from tf_explog.errors import InputError
+from tf_explog.files import atomic_write
 
 __all__ = [
     "EvaluationError",
@@ -118,7 +120,6 @@ OUTPUT_FILES = {
     "boxplot": "dice_boxplot.png",
 }
 
-_NIFTI_SUFFIXES = (".nii.gz", ".nii")
 
 
 class EvaluationError(InputError):
@@ -429,23 +430,11 @@ def _normalise_label_names(label_names: Mapping[int, str] | Sequence[str], where
 
 
 def _load_labels(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
-    """Load a NIfTI label map; return (int64 [D, H, W] ids, 4×4 affine)."""
-    import nibabel as nib
+    """Load a NIfTI label map as stored; return (int64 [D, H, W] ids, 4×4 affine)."""
+    from tf_explog.data.nifti import read_array
 
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: label file not found")
-    try:
-        img = nib.load(str(path))
-        data = np.asanyarray(img.dataobj)
-    except Exception as exc:  # nibabel raises many types for truncated/corrupt files
-        raise EvaluationError(f"{path}: cannot read as NIfTI ({type(exc).__name__}: {exc})") from exc
-    return _as_label_volume(data, str(path)), np.asarray(img.affine, dtype=np.float64)
-
-
-def _spacing_from_affine(affine: np.ndarray) -> tuple[float, float, float]:
-    # The length of each affine column is the step in mm along that voxel axis (any orientation).
-    return tuple(float(v) for v in np.linalg.norm(affine[:3, :3], axis=0))  # type: ignore[return-value]
+    data, affine = read_array(path)
+    return _as_label_volume(data, str(path)), affine
 
 
 def evaluate_pairs(
@@ -547,7 +536,7 @@ def evaluate_pairs(
                     f"{path}: label ids {extra} are not in the label names {sorted(allowed)}"
                     f"{hint}"
                 )
-        spacing = _spacing_from_affine(truth_affine)
+        spacing = voxel_spacing(truth_affine)
         subject_rows = structure_metrics(pred, truth, names, spacing, connectivity=connectivity)
         for metrics in subject_rows:
             rows.append({"subject": subject, "name": names[metrics["label"]], **metrics})
@@ -560,27 +549,15 @@ def evaluate_pairs(
     return result
 
 
-def _strip_nifti(name: str) -> str | None:
-    for suffix in _NIFTI_SUFFIXES:
-        if name.endswith(suffix) and len(name) > len(suffix):
-            return name[: -len(suffix)]
-    return None
-
-
 def _nifti_files(directory: Path, what: str) -> dict[str, Path]:
     """Return stem → path of the NIfTI files directly in ``directory``."""
-    if not directory.is_dir():
-        raise FileNotFoundError(f"{directory}: {what} directory not found")
     files: dict[str, Path] = {}
-    for path in sorted(directory.iterdir()):
-        stem = _strip_nifti(path.name)
-        if stem is None or not path.is_file() or path.name.startswith("."):
-            continue
+    for path in list_nifti_files(directory, what):
+        stem = nifti_stem(path.name)
         if stem in files:
-            raise EvaluationError(f"{directory}: both {files[stem].name} and {path.name} name subject {stem!r}")
+            raise EvaluationError(f"{directory}: both {files[stem].name} and {path.name} name "
+                                  f"subject {stem!r}")
         files[stem] = path
-    if not files:
-        raise EvaluationError(f"{directory}: no .nii or .nii.gz files in the {what} directory")
     return files
 
 
@@ -616,10 +593,10 @@ def _truth_from_dataset_json(path: Path) -> tuple[list, dict[int, str], Any]:
         truth_path = (path.parent / entry["label"]).resolve()
         if not truth_path.is_file():
             raise FileNotFoundError(f"{path}: 'test' entry {i}: label file {truth_path} not found")
-        stems = [_strip_nifti(truth_path.name) or truth_path.name]
+        stems = [nifti_stem(truth_path.name) or truth_path.name]
         # Predictions are usually named after the input image, which may differ from the label.
         if isinstance(entry.get("image"), str):
-            image_stem = _strip_nifti(Path(entry["image"]).name)
+            image_stem = nifti_stem(Path(entry["image"]).name)
             if image_stem and image_stem not in stems:
                 stems.append(image_stem)
         cases.append((stems[0], truth_path, stems))
@@ -651,18 +628,6 @@ def _match_predictions(
     if problems:
         raise EvaluationError("; ".join(problems))
     return pairs
-
-
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def _is_nan(value: Any) -> bool:
@@ -838,6 +803,6 @@ def evaluate_dirs(
         "boxplot": _boxplot_png(result),
     }
     for key, data in contents.items():
-        _atomic_write_bytes(targets[key], data)
+        atomic_write(targets[key], data)
     result.outputs = {key: str(path) for key, path in targets.items()}
     return result

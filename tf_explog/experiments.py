@@ -203,8 +203,7 @@ def segment_and_evaluate(run_dir: Path, entries, label_names, progress: bool = T
     Returns:
         (EvaluationResult, seconds spent predicting, voxels predicted).
     """
-    import nibabel as nib
-
+    from tf_explog.data.nifti import read_header
     from tf_explog.evaluation import evaluate_pairs
     from tf_explog.inference import predict_files
 
@@ -219,7 +218,7 @@ def segment_and_evaluate(run_dir: Path, entries, label_names, progress: bool = T
         seconds = time.perf_counter() - start
     finally:
         shutil.rmtree(links)
-    voxels = sum(int(np.prod(nib.load(str(e.image)).shape[:3])) for e in entries)
+    voxels = sum(int(np.prod(read_header(e.image)[0][:3])) for e in entries)
     pairs = [(e.id, pred_dir / Path(e.image).name, Path(e.label)) for e in entries]
     return (evaluate_pairs(pairs, list(label_names), label_map=label_map,
                            unknown_labels=unknown_labels), seconds, voxels)

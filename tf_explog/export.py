@@ -52,6 +52,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 from tf_explog.errors import InputError
+from tf_explog.labels import SEGMENTATION
 
 __all__ = [
     "export_saved_model",
@@ -68,7 +69,6 @@ SIGNATURE = "serving_default"
 METADATA_FILE = "metadata.json"
 METADATA_FORMAT = 1
 ORIENTATION = "RAS"
-SEGMENTATION = "segmentation"
 DEFAULT_PAD_MULTIPLE = 16
 
 # TF Serving puts the model name in URLs and only loads numeric version directories.

@@ -36,14 +36,18 @@ import numpy as np
 
 from tf_explog.data.nifti import (
     NiftiError,
+    NiftiFileNotFoundError,
     canonical_geometry,
     invert_label_map,
+    list_nifti_files,
     load_volume,
+    nifti_stem,
     save_like,
 )
 from tf_explog.data.core import pad_end
 from tf_explog.data.preprocess import Preprocessor, invert_labels, invert_probabilities
 from tf_explog.errors import InputError
+from tf_explog.labels import SEGMENTATION
 
 __all__ = [
     "InferenceError",
@@ -60,11 +64,9 @@ __all__ = [
 
 PathLike = Union[str, os.PathLike]
 
-SEGMENTATION = "segmentation"
 DIVISOR = 16  # 2 ** 4 poolings of the paper network
 WEIGHT_FLOOR = 1e-3  # MONAI's minimum importance, so no voxel of a window has weight 0
 PROBABILITIES_SUFFIX = "_probabilities.nii.gz"
-_NIFTI_SUFFIXES = (".nii.gz", ".nii")
 
 
 class InferenceError(InputError):
@@ -469,24 +471,14 @@ def load_predictor(model: Union[PathLike, keras.Model]) -> Predictor:
 # --------------------------------------------------------------------------------------------
 
 
-def _strip_nifti_suffix(name: str) -> str:
-    for suffix in _NIFTI_SUFFIXES:
-        if name.endswith(suffix):
-            return name[: -len(suffix)]
-    return name
-
-
 def _list_inputs(inputs: PathLike) -> list:
     path = Path(inputs)
     if not path.exists():
-        raise NiftiError(f"{path}: input not found; expected a NIfTI file or a directory of them")
+        raise NiftiFileNotFoundError(f"{path}: input not found; expected a NIfTI file or a "
+                                     "directory of them")
     if path.is_dir():
-        files = sorted(p for p in path.iterdir()
-                       if p.is_file() and p.name.endswith(_NIFTI_SUFFIXES) and not p.name.startswith("."))
-        if not files:
-            raise NiftiError(f"{path}: directory holds no .nii or .nii.gz files")
-        return files
-    if not path.name.endswith(_NIFTI_SUFFIXES):
+        return list_nifti_files(path, "input")
+    if nifti_stem(path.name) is None:
         raise NiftiError(f"{path}: not a NIfTI file (expected a .nii or .nii.gz name)")
     return [path]
 
@@ -499,7 +491,7 @@ def output_paths(input_path: PathLike, output_dir: PathLike) -> tuple:
     """
     name = Path(input_path).name
     out = Path(output_dir)
-    return out / name, out / (_strip_nifti_suffix(name) + PROBABILITIES_SUFFIX)
+    return out / name, out / (nifti_stem(name) + PROBABILITIES_SUFFIX)
 
 
 def _to_original_labels(probs, record, preprocessor: Preprocessor, want_probabilities: bool,

@@ -25,6 +25,7 @@ from tf_explog.builders import TrainingSetup, monitor_name
 from tf_explog.callbacks import MetricsCSV
 from tf_explog.config import Config, ConfigError
 from tf_explog.errors import NonFiniteError
+from tf_explog.labels import SEGMENTATION
 from tf_explog.plots import overlay_panel
 from tf_explog.runs import Run
 
@@ -98,7 +99,7 @@ class ImageSummary(keras.callbacks.Callback):
             return
         out = self.model(self.image[None], training=False)
         if isinstance(out, dict):
-            out = out["segmentation"]
+            out = out[SEGMENTATION]
         pred = np.argmax(keras.ops.convert_to_numpy(out)[0], axis=-1)
         with self.writer.as_default():
             for axis in range(3):

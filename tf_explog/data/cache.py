@@ -22,7 +22,6 @@ This module does not import TensorFlow (a JAX-side ``keras.utils.PyDataset`` can
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
@@ -36,7 +35,7 @@ from typing import Iterable, Optional, Sequence, Union
 import numpy as np
 from scipy import ndimage
 
-from .nifti import NiftiFileNotFoundError, load_volume
+from .nifti import NiftiFileNotFoundError, load_volume, nifti_stem
 from .preprocess import Preprocessor
 from tf_explog.errors import InputError
 
@@ -47,7 +46,6 @@ __all__ = [
     "VolumeCache",
     "default_cache_dir",
     "source_signature",
-    "write_json_atomic",
     "summarise_labels",
 ]
 
@@ -77,23 +75,6 @@ def source_signature(path: PathLike) -> dict:
     return {
         "path": p, "size": int(st.st_size), "mtime_ns": int(st.st_mtime_ns), "inode": int(st.st_ino)
     }
-
-
-def write_json_atomic(path: PathLike, data, *, overwrite: bool = True) -> None:
-    """Write JSON to ``path`` through a temporary file in the same directory and a rename."""
-    path = Path(path)
-    if path.exists() and not overwrite:
-        raise FileExistsError(f"{path}: already exists (pass overwrite=True to replace it)")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
 
 
 def _label_dtype(labels: np.ndarray):
@@ -275,10 +256,7 @@ class VolumeCache:
         key = hashlib.sha256(
             json.dumps([image_path, label_path, self.fingerprint, CACHE_FORMAT]).encode()
         ).hexdigest()[:16]
-        stem = os.path.basename(image_path)
-        for suffix in (".nii.gz", ".nii"):
-            if stem.endswith(suffix):
-                stem = stem[: -len(suffix)]
+        stem = nifti_stem(image_path) or os.path.basename(image_path)
         stem = "".join(c if c.isalnum() or c in "-_." else "_" for c in stem)[:60]
         return self.cache_dir / f"{stem}-{key}"
 

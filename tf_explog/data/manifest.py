@@ -28,7 +28,8 @@ from typing import Mapping, Optional, Sequence, Union
 
 import numpy as np
 
-from .nifti import LabelMap, NiftiError, apply_label_map, load_volume, read_header
+from .nifti import (LabelMap, NiftiError, apply_label_map, load_volume, nifti_stem,
+                    read_header)
 from .preprocess import Preprocessor, affines_close
 from tf_explog.errors import InputError
 
@@ -70,11 +71,7 @@ class Entry:
 
 
 def _case_id(path: Path) -> str:
-    name = path.name
-    for suffix in (".nii.gz", ".nii"):
-        if name.endswith(suffix):
-            return name[: -len(suffix)]
-    return path.stem
+    return nifti_stem(path.name) or path.stem
 
 
 def _resolve(root: Path, value) -> Path:
@@ -583,7 +580,7 @@ def label_frequencies(
     if problems:
         raise ManifestError(problems, manifest.path)
     if cache_file is not None:
-        from .cache import write_json_atomic
+        from tf_explog.files import write_json
 
-        write_json_atomic(cache_file, {"counts": counts.tolist(), "split": split})
+        write_json(cache_file, {"counts": counts.tolist(), "split": split}, indent=None)
     return counts / counts.sum() if normalize else counts

@@ -14,12 +14,10 @@ This module does not import TensorFlow.
 
 from __future__ import annotations
 
-import contextlib
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Iterator, Mapping, Union
+from typing import Mapping, Optional, Union
 
 import nibabel as nib
 import numpy as np
@@ -28,6 +26,7 @@ from nibabel import orientations as nib_ornt
 # Label maps live in tf_explog.labels; re-exported here for load_volume(label_map=...).
 from tf_explog.labels import LabelMap, apply_label_map, invert_label_map  # noqa: F401
 from tf_explog.errors import InputError
+from tf_explog.files import atomic_path
 
 __all__ = [
     "NiftiError",
@@ -42,12 +41,13 @@ __all__ = [
     "LabelMap",
     "apply_label_map",
     "invert_label_map",
-    "atomic_write_path",
+    "save_array",
 ]
 
 PathLike = Union[str, os.PathLike]
 _KINDS = ("image", "label")
-_NIFTI_SUFFIXES = (".nii", ".nii.gz")
+#: NIfTI file name endings, longest first (so ``.nii.gz`` is stripped whole).
+NIFTI_SUFFIXES = (".nii.gz", ".nii")
 
 
 class NiftiError(InputError):
@@ -94,6 +94,54 @@ class Volume:
     def spatial_shape(self) -> tuple:
         """Canonical spatial shape ``(D, H, W)``."""
         return tuple(int(s) for s in self.array.shape[:3])
+
+
+def nifti_stem(name: Union[str, PathLike]) -> Optional[str]:
+    """The file name without ``.nii.gz``/``.nii``; None when it is not a NIfTI name."""
+    name = os.path.basename(os.fspath(name))
+    for suffix in NIFTI_SUFFIXES:
+        if name.endswith(suffix) and len(name) > len(suffix):
+            return name[: -len(suffix)]
+    return None
+
+
+def list_nifti_files(directory: PathLike, what: str = "input") -> list:
+    """The ``.nii``/``.nii.gz`` files directly in ``directory``, sorted; hidden files skipped.
+
+    Raises:
+        NiftiFileNotFoundError: no such directory.
+        NiftiError: it holds no NIfTI file.
+    """
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise NiftiFileNotFoundError(f"{directory}: {what} directory not found")
+    files = sorted(p for p in directory.iterdir()
+                   if p.is_file() and nifti_stem(p.name) and not p.name.startswith("."))
+    if not files:
+        raise NiftiError(f"{directory}: no .nii or .nii.gz files in the {what} directory")
+    return files
+
+
+def voxel_spacing(affine: np.ndarray) -> tuple:
+    """Voxel size in mm along each array axis of a 4x4 affine (any orientation): the length
+    of each of its first three columns."""
+    return tuple(float(v) for v in np.linalg.norm(np.asarray(affine)[:3, :3], axis=0))
+
+
+def read_array(path: PathLike) -> tuple:
+    """The voxel data of a file as stored (no reorientation, no conversion) and its affine.
+
+    For comparing files that share a grid (evaluation); training and inference use
+    :func:`load_volume`, which reorients to RAS and checks the data.
+
+    Returns:
+        ``(array, 4x4 affine float64)``.
+
+    Raises:
+        NiftiFileNotFoundError / NiftiError: missing, unreadable or truncated file.
+    """
+    img = _load_image(path)
+    return _decode(img, path), np.asarray(img.affine, dtype=np.float64)
 
 
 def _describe(path: PathLike) -> str:
@@ -318,33 +366,6 @@ def to_original_orientation(array: np.ndarray, volume: Volume) -> np.ndarray:
     return nib_ornt.apply_orientation(array, _inverse_orientation(volume.orientation))
 
 
-@contextlib.contextmanager
-def atomic_write_path(path: PathLike, *, overwrite: bool = False) -> Iterator[str]:
-    """Context manager yielding a temporary path next to ``path``, renamed onto it on success.
-
-    The temporary file keeps ``path``'s suffix (nibabel picks compression from it). On any
-    exception the temporary file is removed and ``path`` is left untouched.
-
-    Raises:
-        FileExistsError: ``path`` exists and ``overwrite`` is false.
-    """
-    target = Path(path)
-    if target.exists() and not overwrite:
-        raise FileExistsError(f"{target}: already exists (pass overwrite=True to replace it)")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    name = target.name
-    suffix = ".nii.gz" if name.endswith(".nii.gz") else target.suffix
-    fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=f".tmp{suffix}", dir=target.parent)
-    os.close(fd)
-    try:
-        yield tmp
-        os.replace(tmp, target)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-
-
 def _storage_dtype(array: np.ndarray) -> np.ndarray:
     """Cast to a dtype NIfTI readers handle everywhere (no bool, no 64-bit)."""
     if array.dtype == np.bool_:
@@ -384,7 +405,7 @@ def save_like(
         FileExistsError: ``path`` exists and ``overwrite`` is false.
     """
     path = Path(path)
-    if not path.name.endswith(_NIFTI_SUFFIXES):
+    if not path.name.endswith(NIFTI_SUFFIXES):
         raise InputError(f"path: {path} must end in .nii or .nii.gz")
     data = _storage_dtype(np.asarray(array))
     data = np.ascontiguousarray(to_original_orientation(data, reference))
@@ -396,6 +417,27 @@ def save_like(
     img.header.set_data_dtype(data.dtype)
     # No intensity scaling: values are stored exactly as given.
     img.header.set_slope_inter(1.0, 0.0)
-    with atomic_write_path(path, overwrite=overwrite) as tmp:
-        nib.save(img, tmp)
+    with atomic_path(path, overwrite=overwrite) as tmp:
+        nib.save(img, str(tmp))
+    return path
+
+
+def save_array(array: np.ndarray, affine: np.ndarray, path: PathLike, *,
+               overwrite: bool = False) -> Path:
+    """Write an array as a new NIfTI-1 file (mm units, qform and sform set to ``affine``),
+    atomically. For files with no reference scan (synthetic data); see :func:`save_like`.
+
+    Raises:
+        InputError: a path without a NIfTI suffix.
+        FileExistsError: ``path`` exists and ``overwrite`` is false.
+    """
+    path = Path(path)
+    if nifti_stem(path.name) is None:
+        raise InputError(f"path: {path} must end in .nii or .nii.gz")
+    img = nib.Nifti1Image(np.asarray(array), np.asarray(affine, dtype=np.float64))
+    img.header.set_xyzt_units("mm")
+    img.set_qform(affine, code=1)
+    img.set_sform(affine, code=1)
+    with atomic_path(path, overwrite=overwrite) as tmp:
+        nib.save(img, str(tmp))
     return path

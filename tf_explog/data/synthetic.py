@@ -36,7 +36,6 @@ Unbalanced Object Sizes", MICCAI 2018 (data set description, §3).
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import shutil
@@ -47,7 +46,11 @@ from typing import Any
 
 import numpy as np
 from scipy import ndimage
+
 from tf_explog.errors import InputError
+from tf_explog.files import write_json
+
+from .nifti import save_array
 
 __all__ = [
     "LABEL_NAMES",
@@ -562,35 +565,6 @@ def _oriented(
     return image_o, labels_o, affine
 
 
-def _save_nifti(array: np.ndarray, affine: np.ndarray, path: Path) -> None:
-    """Write a NIfTI-1 file atomically (temporary name in the same directory, then rename)."""
-    import nibabel as nib
-
-    img = nib.Nifti1Image(array, affine)
-    img.header.set_xyzt_units("mm")
-    img.set_qform(affine, code=1)
-    img.set_sform(affine, code=1)
-    tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
-    try:
-        nib.save(img, str(tmp))
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
-def _write_json(obj: Any, path: Path) -> None:
-    tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
-    try:
-        with open(tmp, "w", encoding="utf-8") as fh:
-            json.dump(obj, fh, indent=2)
-            fh.write("\n")
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
 _SUBDIRS = ("imagesTr", "labelsTr", "imagesTs", "labelsTs")
 
 
@@ -699,8 +673,8 @@ def generate_dataset(
                 train_labels.append(labels)
             axcodes = _ORIENTATIONS[i % len(_ORIENTATIONS)]
             img_o, lab_o, affine = _oriented(image, labels, spacing3, axcodes)
-            _save_nifti(img_o, affine, tmp / img_dir / name)
-            _save_nifti(lab_o, affine, tmp / lab_dir / name)
+            save_array(img_o, affine, tmp / img_dir / name)
+            save_array(lab_o, affine, tmp / lab_dir / name)
             entries[split].append(
                 {"image": f"./{img_dir}/{name}", "label": f"./{lab_dir}/{name}"}
             )
@@ -730,7 +704,7 @@ def generate_dataset(
                 "orientations": orientations,
             },
         }
-        _write_json(manifest, tmp / "dataset.json")
+        write_json(tmp / "dataset.json", manifest, indent=2)
 
         if not out.exists():
             os.replace(tmp, out)
