@@ -19,14 +19,17 @@ setup(
     ),
     long_description=(HERE / "README.md").read_text(),
     long_description_content_type="text/markdown",
-    packages=find_packages(include=["tf_explog", "tf_explog.*"]),
+    # train_configs/ ships inside the package as tf_explog.train_configs, so `tf-explog demo`
+    # (and tf_explog.config.packaged_config) work from a non-editable install too.
+    packages=find_packages(include=["tf_explog", "tf_explog.*"]) + ["tf_explog.train_configs"],
+    package_dir={"tf_explog.train_configs": "train_configs"},
+    package_data={"tf_explog.train_configs": ["*.yaml", "*.json"]},
     python_requires=">=3.10",
     install_requires=[
         "tensorflow>=2.21",
         "keras>=3.15",
         "numpy",
         "nibabel",
-        "scikit-image",
         "scipy",
         # TensorFlow 2.21 no longer pulls TensorBoard in; keras.callbacks.TensorBoard needs it.
         "tensorboard",

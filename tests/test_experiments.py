@@ -128,9 +128,32 @@ def test_shipped_reproduce_configs_parse():
             experiments._arm_train_config(config, base, name, arm)
 
 
-def test_demo_tiny_end_to_end(tmp_path):
-    result = experiments.demo(tiny=True, root=tmp_path)
-    assert result["report"].is_file()
-    assert (result["saved_model"] / "saved_model.pb").is_file()
-    assert result["saved_model"].parent.parent == tmp_path / "saved_models"
-    assert list((result["run_dir"] / "test_predictions").glob("*.nii.gz"))
+def test_demo_tiny_end_to_end_from_a_non_editable_install(tmp_path):
+    """`tf-explog demo` from a wheel installed elsewhere: its config comes with the package,
+    its outputs go to the working directory (not the source tree or site-packages)."""
+    import subprocess
+    import sys
+    import zipfile
+
+    repo = Path(__file__).resolve().parents[1]
+    wheels, site, work = tmp_path / "wheels", tmp_path / "site", tmp_path / "work"
+    work.mkdir()
+    pip = [sys.executable, "-m", "pip", "-q"]
+    subprocess.run([*pip, "wheel", "--no-deps", "--no-build-isolation", "-w", str(wheels),
+                    str(repo)], check=True, capture_output=True, timeout=300)
+    (wheel,) = wheels.glob("*.whl")
+    assert "tf_explog/train_configs/demo.yaml" in zipfile.ZipFile(wheel).namelist()
+    subprocess.run([*pip, "install", "--no-deps", "--target", str(site), str(wheel)],
+                   check=True, capture_output=True, timeout=300)
+    script = ("import sys, tf_explog, tf_explog.cli as cli; "
+              f"assert tf_explog.__file__.startswith({str(site)!r}), tf_explog.__file__; "
+              "sys.exit(cli.main(['demo', '--tiny']))")
+    env = {**__import__("os").environ, "PYTHONPATH": str(site)}
+    result = subprocess.run([sys.executable, "-c", script], cwd=work, env=env,
+                            capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    assert "mean test Dice" in result.stdout
+    (run_dir,) = (work / "runs" / "demo_tiny").iterdir()
+    assert list((run_dir / "test_predictions").glob("*.nii.gz"))
+    assert list((work / "saved_models" / "demo_tiny").glob("*/saved_model.pb"))
+    assert list((work / "reports").rglob("report.md"))

@@ -286,6 +286,23 @@ def read_yaml(path: str | Path) -> dict:
     return raw
 
 
+def packaged_config(name: str) -> Path:
+    """The path of a config shipped with the package (``train_configs/NAME.yaml`` in the
+    source tree, ``tf_explog/train_configs/`` once installed), e.g. ``"demo"``.
+
+    Raises:
+        ConfigError: no such packaged config (the message lists those there are).
+    """
+    from importlib import resources
+
+    root = Path(str(resources.files("tf_explog.train_configs")))
+    path = root / (name if name.endswith(".yaml") else f"{name}.yaml")
+    if not path.is_file():
+        known = sorted(p.stem for p in root.glob("*.yaml"))
+        raise ConfigError(f"no packaged config {name!r}; there are {known}.")
+    return path
+
+
 def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """Reads a YAML config file, applies ``key=value`` overrides and validates it.
 

@@ -30,7 +30,7 @@ from typing import Any, Optional
 
 import numpy as np
 
-from tf_explog.config import ConfigError, _build, load_config
+from tf_explog.config import ConfigError, _build, load_config, packaged_config
 from tf_explog.files import atomic_write, write_json
 from tf_explog.runs import RUN_FILE, Run
 
@@ -364,25 +364,22 @@ def reproduce(config_path: str | Path, overrides=(), out_dir: str | Path | None 
 # make demo
 # --------------------------------------------------------------------------------------
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-
-
 def demo(tiny: bool = False, root: str | Path | None = None) -> dict:
     """The main job on an embedded default: synthesise, train, evaluate, export.
 
-    Uses ``train_configs/demo.yaml`` (the paper's network, ExpLogLoss gamma = 0.3, on CPU-sized
-    synthetic volumes). ``tiny`` shrinks everything to seconds (the test suite runs it).
-    Outputs go under ``root`` (default: the repository): ``data/demo*``, ``runs/``,
-    ``reports/``, ``saved_models/``.
+    Uses the packaged ``train_configs/demo.yaml`` (the paper's network, ExpLogLoss gamma =
+    0.3, on CPU-sized synthetic volumes). ``tiny`` shrinks everything to seconds (the test
+    suite runs it). Outputs go under ``root`` (default: the working directory):
+    ``data/demo*``, ``runs/``, ``reports/``, ``saved_models/``.
     """
     from tf_explog.data.synthetic import generate_dataset
     from tf_explog.evaluation import format_report
     from tf_explog.export import export_saved_model
     from tf_explog.training import train
 
-    root = Path(root) if root else REPO_ROOT
+    root = Path(root) if root else Path.cwd()
     t0 = time.perf_counter()
-    config_path = REPO_ROOT / "train_configs" / "demo.yaml"
+    config_path = packaged_config("demo")
     if tiny:
         data = dict(subjects=4, test_subjects=1, shape=32, name="demo_tiny")
         overrides = ["train.epochs=1", "model.filters=[4,4,4,4,4]",
@@ -404,7 +401,7 @@ def demo(tiny: bool = False, root: str | Path | None = None) -> dict:
     else:
         print("[demo]     (cached: reusing it)", flush=True)
 
-    print(f"[demo] 2/4 training with {config_path.relative_to(REPO_ROOT)}", flush=True)
+    print(f"[demo] 2/4 training with {config_path}", flush=True)
     config = load_config(config_path, overrides)
     result = train(config)
 
