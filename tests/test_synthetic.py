@@ -232,3 +232,20 @@ def test_failed_overwrite_rolls_back(tmp_path, monkeypatch):
     after = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
     assert after == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ds"]
+
+
+def test_parallel_workers_write_the_same_data_set(tmp_path):
+    one = syn.generate_dataset(tmp_path / "one", subjects=3, test_subjects=1, shape=16, seed=4,
+                           verbose=False)
+    two = syn.generate_dataset(tmp_path / "two", subjects=3, test_subjects=1, shape=16, seed=4,
+                           verbose=False, workers=2)
+    assert one["size_table"] == two["size_table"]
+    files = sorted(p.relative_to(tmp_path / "one")
+                   for p in (tmp_path / "one").rglob("*.nii.gz"))
+    assert len(files) == 8
+    for rel in files:
+        a, b = nib.load(str(tmp_path / "one" / rel)), nib.load(str(tmp_path / "two" / rel))
+        np.testing.assert_array_equal(np.asarray(a.dataobj), np.asarray(b.dataobj))
+        np.testing.assert_array_equal(a.affine, b.affine)
+    with pytest.raises(ValueError, match="workers"):
+        syn.generate_dataset(tmp_path / "three", subjects=1, shape=16, workers=0)

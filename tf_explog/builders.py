@@ -28,9 +28,30 @@ from tf_explog.metrics import PerLabelDice
 from tf_explog.models import aux_loss_weights, build_model
 
 
-def make_optimizer(config: Config) -> keras.optimizers.Optimizer:
+def learning_rate(config: Config, steps_per_epoch: Optional[int] = None):
+    """``train.learning_rate``, constant or decayed by ``train.lr_schedule``.
+
+    ``poly`` (nnU-Net; Isensee et al., Nat. Methods 2021): ``lr_t = lr · (1 − t / T)^p`` with
+    ``T = epochs × steps_per_epoch`` optimizer steps and ``p = train.lr_poly_power``
+    (Keras' ``PolynomialDecay`` with end rate 0, so it resumes with the optimizer's
+    iteration count).
+    """
+    t = config.train
+    if t.lr_schedule == "constant":
+        return t.learning_rate
+    steps = t.steps_per_epoch or steps_per_epoch
+    if not steps:
+        raise ConfigError("train.lr_schedule=poly needs the steps per epoch "
+                          "(train.steps_per_epoch, or a training split to count).")
+    return keras.optimizers.schedules.PolynomialDecay(
+        initial_learning_rate=t.learning_rate, decay_steps=int(t.epochs * steps),
+        end_learning_rate=0.0, power=t.lr_poly_power)
+
+
+def make_optimizer(config: Config, steps_per_epoch: Optional[int] = None
+                   ) -> keras.optimizers.Optimizer:
     """The paper's Nadam (Adam with Nesterov momentum) by default."""
-    lr = config.train.learning_rate
+    lr = learning_rate(config, steps_per_epoch)
     return {
         "nadam": lambda: keras.optimizers.Nadam(lr),
         "adam": lambda: keras.optimizers.Adam(lr),
@@ -128,21 +149,24 @@ def build_from_config(config: Config, num_classes: int, channels: int) -> keras.
         aux_outputs=m.aux_outputs, bn_momentum=m.bn_momentum, seed=config.seed)
 
 
-def compile_model(model, config: Config, class_weights, label_names, jit_compile):
-    """compile() with the configured loss (one per output with aux heads) and metrics."""
+def compile_model(model, config: Config, class_weights, label_names, jit_compile,
+                  steps_per_epoch: Optional[int] = None):
+    """compile() with the configured loss (one per output with aux heads), metrics and
+    optimizer (``steps_per_epoch`` sizes a decaying learning-rate schedule)."""
     loss = make_loss(config, class_weights)
     dice = PerLabelDice(num_classes=len(label_names), label_names=label_names, name="dice")
     metrics = [dice, *term_metrics(loss)]
     n_aux = config.model.aux_outputs
     if n_aux:
         model.compile(
-            optimizer=make_optimizer(config),
+            optimizer=make_optimizer(config, steps_per_epoch),
             loss=losses_lib.deep_supervision_losses(loss, n_aux),
             loss_weights=aux_loss_weights(n_aux),
             metrics={"segmentation": metrics},
             jit_compile=jit_compile)
     else:
-        model.compile(optimizer=make_optimizer(config), loss=loss, metrics=metrics,
+        model.compile(optimizer=make_optimizer(config, steps_per_epoch), loss=loss,
+                      metrics=metrics,
                       jit_compile=jit_compile)
     return model
 
@@ -310,15 +334,25 @@ class TrainingSetup:
     def loss(self, reduction: Optional[str] = "sum_over_batch_size") -> keras.losses.Loss:
         return make_loss(self.config, self.class_weights, reduction=reduction)
 
+    @property
+    def steps_per_epoch(self) -> int:
+        """Optimizer steps per epoch: ``train.steps_per_epoch``, else one pass over the
+        training split (cases × patches per case, over the batch size, rounded up)."""
+        t = self.config.train
+        if t.steps_per_epoch:
+            return int(t.steps_per_epoch)
+        cases = len(self.manifest.entries("training"))
+        return max(1, -(-cases // t.batch_size))
+
     def optimizer(self) -> keras.optimizers.Optimizer:
-        return make_optimizer(self.config)
+        return make_optimizer(self.config, self.steps_per_epoch)
 
     def build_model(self) -> keras.Model:
         return build_from_config(self.config, self.num_classes, self.num_channels)
 
     def compile(self, model: keras.Model, jit_compile) -> keras.Model:
         return compile_model(model, self.config, self.class_weights, self.label_names,
-                             jit_compile)
+                             jit_compile, self.steps_per_epoch)
 
     def inference_callbacks(self, eager_validation: bool = False) -> list:
         """NaN guard, epoch timer, BatchNorm recalibration and inference-mode validation,

@@ -32,7 +32,7 @@ def cmd_synth(args) -> int:
 
     generate_dataset(args.out, subjects=args.subjects, shape=args.shape, seed=args.seed,
                      test_subjects=args.test_subjects, spacing=args.spacing,
-                     overwrite=args.overwrite, verbose=True)
+                     overwrite=args.overwrite, verbose=True, workers=args.workers)
     print(f"wrote {os.path.join(args.out, 'dataset.json')}")
     return 0
 
@@ -122,6 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--spacing", type=float, default=1.5)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--workers", type=int, default=1, help="processes drawing subjects")
     p.set_defaults(func=cmd_synth)
 
     p = sub.add_parser("train", parents=[common],

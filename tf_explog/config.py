@@ -35,6 +35,9 @@ class PreprocessConfig:
     normalization: Optional[str] = "zscore"  # zscore | zscore_nonzero | null
     clip_percentiles: Optional[list[float]] = None
     image_order: int = 1
+    crop_foreground: bool = False  # crop to the head's bounding box (from the image alone)
+    crop_threshold: float = 0.0  # 0: nonzero voxels; else a fraction of the 99.5th percentile
+    crop_margin: float = 10.0  # mm around the foreground box
 
     def validate(self, key):
         from tf_explog.data.preprocess import Preprocessor  # numpy/scipy only
@@ -149,6 +152,9 @@ class TrainConfig:
     steps_per_epoch: Optional[int] = None  # None = one pass over the training split
     optimizer: str = "nadam"  # nadam | adam | sgd
     learning_rate: float = 1e-3
+    # constant, or poly: lr * (1 - step / total steps) ** lr_poly_power (nnU-Net's schedule)
+    lr_schedule: str = "constant"
+    lr_poly_power: float = 0.9
     dtype_policy: str = "float32"  # float32 | mixed_float16 | mixed_bfloat16
     jit_compile: Union[str, bool] = "auto"  # auto: on with a GPU, off on CPU (10x slower)
     strategy: str = "none"  # none | mirrored | multi_worker
@@ -169,6 +175,8 @@ class TrainConfig:
             _range(f"{key}.steps_per_epoch", self.steps_per_epoch, 1, 10**9)
         _choice(f"{key}.optimizer", self.optimizer, ("nadam", "adam", "sgd"))
         _range(f"{key}.learning_rate", self.learning_rate, 1e-12, 10.0)
+        _choice(f"{key}.lr_schedule", self.lr_schedule, ("constant", "poly"))
+        _range(f"{key}.lr_poly_power", self.lr_poly_power, 1e-3, 100.0)
         _choice(f"{key}.dtype_policy", self.dtype_policy,
                 ("float32", "mixed_float16", "mixed_bfloat16"))
         _choice(f"{key}.jit_compile", self.jit_compile, ("auto", True, False))

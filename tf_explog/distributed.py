@@ -66,7 +66,7 @@ def train_multi_worker(config, run: Run, fresh: bool = True) -> dict:
 
     with strategy.scope():
         model = setup.build_model()
-        optimizer = make_optimizer(config)
+        optimizer = make_optimizer(config, steps)
         loss_fn = make_loss(config, class_weights, reduction=None)
         epoch_var = tf.Variable(0, dtype=tf.int64, trainable=False)
         optimizer.build(model.trainable_variables)

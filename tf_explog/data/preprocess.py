@@ -36,6 +36,7 @@ __all__ = [
     "invert_labels",
     "invert_probabilities",
     "resample_to_shape",
+    "foreground_box",
     "affines_close",
     "PREPROCESS_FORMAT",
 ]
@@ -146,6 +147,32 @@ def _crop_pad(array: np.ndarray, before, after, value) -> np.ndarray:
     return np.ascontiguousarray(array)
 
 
+def foreground_box(image: np.ndarray, spacing: Sequence[float], threshold: float = 0.0,
+                   margin_mm: float = 10.0) -> tuple:
+    """``(lo, hi)`` voxel bounds (``hi`` exclusive) of the foreground of ``[D, H, W, C]``,
+    grown by ``margin_mm`` and clipped to the volume; the whole volume when nothing is
+    foreground. Foreground: any channel ``!= 0`` (``threshold`` 0), else any channel
+    ``> threshold * 99.5th percentile`` of that channel."""
+    image = np.asarray(image)
+    if image.ndim == 3:
+        image = image[..., np.newaxis]
+    if threshold == 0:
+        mask = np.any(image != 0, axis=-1)
+    else:
+        levels = np.percentile(image.reshape(-1, image.shape[-1]), 99.5, axis=0) * threshold
+        mask = np.any(image > levels, axis=-1)
+    shape = image.shape[:3]
+    if not mask.any():
+        return (0, 0, 0), tuple(int(n) for n in shape)
+    margin = [int(np.ceil(margin_mm / float(s))) for s in spacing]
+    lo, hi = [], []
+    for axis in range(3):
+        present = np.flatnonzero(mask.any(axis=tuple(a for a in range(3) if a != axis)))
+        lo.append(max(0, int(present[0]) - margin[axis]))
+        hi.append(min(int(shape[axis]), int(present[-1]) + 1 + margin[axis]))
+    return tuple(lo), tuple(hi)
+
+
 def _centred_amounts(in_shape, out_shape):
     """(before, after) per axis to go from in_shape to out_shape, centred (negative = crop)."""
     diff = np.asarray(out_shape, int) - np.asarray(in_shape, int)
@@ -158,10 +185,10 @@ def _centred_amounts(in_shape, out_shape):
 class Preprocessor:
     """What to do to each canonical volume before training (and undo after inference).
 
-    Steps, in order (each optional): label map -> resample to ``target_spacing`` ->
-    zero-pad to a cube -> resize to ``resize_shape`` -> centred crop/pad to ``target_shape`` ->
-    percentile clipping -> intensity normalisation (computed on the final grid, so padding is
-    excluded by "zscore_nonzero").
+    Steps, in order (each optional): label map -> crop to the foreground (``crop_foreground``)
+    -> resample to ``target_spacing`` -> zero-pad to a cube -> resize to ``resize_shape`` ->
+    centred crop/pad to ``target_shape`` -> percentile clipping -> intensity normalisation
+    (computed on the final grid, so padding is excluded by "zscore_nonzero").
 
     Args:
         target_spacing: None (keep), "min" (isotropic at the volume's smallest spacing), a
@@ -175,6 +202,14 @@ class Preprocessor:
         clip_percentiles: ``(low, high)`` percentiles to clip intensities to before
             normalising (over the same voxels as the statistics), or None.
         pad_value: image value used for padding (labels pad with 0 = background).
+        crop_foreground: crop each volume to the bounding box of its foreground (the head),
+            found from the image alone so that it works at test time, grown by
+            ``crop_margin``; recorded like any crop, so predictions are written back onto the
+            full input grid (the cropped-away region as background).
+        crop_threshold: foreground voxels: any channel ``!= 0`` when 0 (skull-stripped or
+            conformed scans, as nnU-Net crops), else ``> crop_threshold`` times the image's
+            99.5th percentile (scans with background noise), in ``[0, 1)``.
+        crop_margin: margin around the foreground box, in mm (canonical axes).
         label_map: ``{new_id: [original values]}`` applied to labels (see ``nifti.LabelMap``).
         unknown_labels: "background" or "raise" for label values outside ``label_map``.
         preset: None or "paper": fills unset geometry options with the paper's
@@ -193,6 +228,9 @@ class Preprocessor:
     label_map: Optional[Mapping] = None
     unknown_labels: str = "background"
     preset: Optional[str] = None
+    crop_foreground: bool = False
+    crop_threshold: float = 0.0
+    crop_margin: float = 10.0
 
     def __post_init__(self) -> None:
         if self.preset not in _PRESETS:
@@ -242,6 +280,19 @@ class Preprocessor:
             raise InputError(f"pad_value: expected a number, got {self.pad_value!r}") from None
         if self.label_map is not None:
             self.label_map = LabelMap.coerce(self.label_map).to_dict()
+        if not isinstance(self.crop_foreground, (bool, np.bool_)):
+            raise InputError(f"crop_foreground: expected a bool, got {self.crop_foreground!r}")
+        self.crop_foreground = bool(self.crop_foreground)
+        for key, low, high in (("crop_threshold", 0.0, 1.0), ("crop_margin", 0.0, np.inf)):
+            value = getattr(self, key)
+            try:
+                value = float(value)
+            except (TypeError, ValueError):
+                raise InputError(f"{key}: expected a number, got {value!r}") from None
+            if isinstance(getattr(self, key), bool) or not low <= value < high:
+                raise InputError(f"{key}: expected a number in [{low}, {high}), got "
+                                 f"{getattr(self, key)!r}")
+            setattr(self, key, value)
         if self.unknown_labels not in _UNKNOWN:
             raise InputError(
                 f"unknown_labels: expected one of {_UNKNOWN}, got {self.unknown_labels!r}"
@@ -280,10 +331,14 @@ class Preprocessor:
         payload = json.dumps({"format": PREPROCESS_FORMAT, **self.to_dict()}, sort_keys=True)
         return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
-    def output_shape(self, shape: Sequence[int], spacing: Sequence[float]) -> tuple:
-        """Spatial shape :meth:`forward` produces for a canonical ``shape`` and ``spacing``."""
+    def output_shape(self, shape: Sequence[int], spacing: Sequence[float]) -> Optional[tuple]:
+        """Spatial shape :meth:`forward` produces for a canonical ``shape`` and ``spacing``;
+        None when it depends on the image (``crop_foreground`` without ``resize_shape`` or
+        ``target_shape``)."""
         shape = tuple(int(s) for s in shape[:3])
         spacing = _triple(spacing, "spacing", float)
+        if self.crop_foreground and self.resize_shape is None and self.target_shape is None:
+            return None
         if self.target_spacing is not None:
             shape = _resampled_shape(shape, spacing, self.target_spacing)
         if self.pad_to_cube:
@@ -413,6 +468,20 @@ class Preprocessor:
             affine = _shift_affine(affine, before)
             shape = out_shape
 
+        if self.crop_foreground:
+            lo, hi = foreground_box(img, spacing, self.crop_threshold, self.crop_margin)
+            if (tuple(lo), tuple(hi)) != ((0, 0, 0), shape):
+                before = [-int(v) for v in lo]
+                after = [int(h) - int(n) for h, n in zip(hi, shape)]
+                img = _crop_pad(img, before, after, self.pad_value)
+                if lab is not None:
+                    lab = _crop_pad(lab, before, after, 0)
+                out_shape = tuple(int(h - l) for l, h in zip(lo, hi))
+                record["steps"].append(
+                    {"op": "crop_foreground", "in_shape": list(shape),
+                     "out_shape": list(out_shape), "before": before, "after": after})
+                affine = _shift_affine(affine, before)
+                shape = out_shape
         if self.target_spacing is not None:
             resample(_resampled_shape(shape, spacing, self.target_spacing), "resample")
         if self.pad_to_cube:
@@ -514,7 +583,7 @@ def _invert(array: np.ndarray, record: Mapping, order: int, fill_value) -> np.nd
     for step in reversed(record["steps"]):
         if step["op"] in ("resample", "resize"):
             array = resample_to_shape(array, step["in_shape"], order)
-        elif step["op"] in ("pad_to_cube", "crop_pad"):
+        elif step["op"] in ("pad_to_cube", "crop_pad", "crop_foreground"):
             before = [-b for b in step["before"]]
             after = [-a for a in step["after"]]
             array = _crop_pad(array, before, after, 0)

@@ -168,6 +168,11 @@ def _equal_volume_shape(preprocessor: Preprocessor, pairs: Sequence) -> tuple:
     Raises:
         InputError: naming a file of each shape, when the shapes differ.
     """
+    if preprocessor.output_shape((16, 16, 16), (1.0, 1.0, 1.0)) is None:
+        raise InputError(
+            "batch_size: volume mode with batch_size > 1 needs equal volume shapes, and "
+            "crop_foreground makes them depend on each image. Set the preprocessor's "
+            "resize_shape or target_shape, or use batch_size=1.")
     shapes: dict = {}
     for image, _ in pairs:
         shape, spacing, _ = canonical_geometry(image)

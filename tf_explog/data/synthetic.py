@@ -593,6 +593,17 @@ def _swap_into(new: Path, out: Path) -> None:
         raise
 
 
+def _write_subject(task: tuple) -> np.ndarray:
+    """Draw subject ``i`` and write its image and labels (a process-pool task); returns the
+    canonical labels (for the size table)."""
+    i, dims, seed, spacing3, axcodes, image_path, label_path = task
+    image, labels = generate_subject(dims, seed=[seed, i])
+    img_o, lab_o, affine = _oriented(image, labels, spacing3, axcodes)
+    save_array(img_o, affine, image_path)
+    save_array(lab_o, affine, label_path)
+    return labels
+
+
 def generate_dataset(
     out_dir: str | os.PathLike,
     subjects: int = 12,
@@ -602,6 +613,7 @@ def generate_dataset(
     spacing: float | Sequence[float] = 1.5,
     overwrite: bool = False,
     verbose: bool = True,
+    workers: int = 1,
 ) -> dict[str, Any]:
     """Write a synthetic brain data set in the Medical Segmentation Decathlon layout.
 
@@ -626,6 +638,8 @@ def generate_dataset(
         spacing: voxel size in mm (one number or three).
         overwrite: replace an existing data set in a non-empty ``out_dir``.
         verbose: print the per-label size table of the training set.
+        workers: processes drawing subjects in parallel (the files do not depend on it;
+            about 0.4 s per 128³ subject and 7 s per 256³ subject on one core).
 
     Returns:
         dict with ``out_dir``, ``dataset_json`` (paths as str), ``num_training``,
@@ -644,6 +658,7 @@ def generate_dataset(
         else _check_count("test_subjects", test_subjects, 0)
     )
     spacing3 = _check_spacing(spacing)
+    workers = _check_count("workers", workers, 1)
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise InputError(f"generate_dataset: out_dir {str(out)!r} exists and is not a directory")
@@ -661,24 +676,29 @@ def generate_dataset(
             (tmp / sub).mkdir()
         entries: dict[str, list[dict[str, str]]] = {"training": [], "test": []}
         orientations: dict[str, str] = {}
-        train_labels = []
+        tasks = []
         for i in range(subjects + test_subjects):
             split, img_dir, lab_dir = (
                 ("training", "imagesTr", "labelsTr") if i < subjects
                 else ("test", "imagesTs", "labelsTs")
             )
             name = f"brain_{i:03d}.nii.gz"
-            image, labels = generate_subject(dims, seed=[seed, i])
-            if split == "training":
-                train_labels.append(labels)
             axcodes = _ORIENTATIONS[i % len(_ORIENTATIONS)]
-            img_o, lab_o, affine = _oriented(image, labels, spacing3, axcodes)
-            save_array(img_o, affine, tmp / img_dir / name)
-            save_array(lab_o, affine, tmp / lab_dir / name)
+            tasks.append((i, dims, seed, spacing3, axcodes, tmp / img_dir / name,
+                          tmp / lab_dir / name))
             entries[split].append(
                 {"image": f"./{img_dir}/{name}", "label": f"./{lab_dir}/{name}"}
             )
             orientations[name] = axcodes
+        if workers > 1:
+            # Each subject depends on its own seed only: the files are identical to 1 worker.
+            from concurrent.futures import ProcessPoolExecutor
+
+            with ProcessPoolExecutor(max_workers=workers) as pool:
+                all_labels = list(pool.map(_write_subject, tasks))
+        else:
+            all_labels = [_write_subject(task) for task in tasks]
+        train_labels = all_labels[:subjects]
         rows = size_table(train_labels)
         text = format_size_table(rows)
         manifest = {
