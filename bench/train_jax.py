@@ -138,6 +138,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--shape", type=int, default=128,
                    help="synthetic volume size when dataset.json is missing")
     p.add_argument("--synth-seed", type=int, default=0, help="seed of the synthetic data set")
+    p.add_argument("--skip-data-check", action="store_true",
+                   help="do not decode every case to validate the data set first (for data "
+                        "just generated; tf-explog train always checks)")
     p.add_argument("--workers", type=int, default=2,
                    help="threads preparing batches (1: in the training loop)")
     return p.parse_args(argv)
@@ -200,7 +203,7 @@ def main(argv=None) -> dict:
 
 
 def _train(config: Config, args, out: Path) -> dict:
-    setup = TrainingSetup.from_config(config)
+    setup = TrainingSetup.from_config(config, validate=not args.skip_data_check)
     train_seq, val_seq = setup.sequences(workers=args.workers)
     t = time.perf_counter()
     cached = train_seq.warm(workers=args.workers)
