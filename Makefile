@@ -24,6 +24,8 @@ demo: $(STAMP)
 bench: $(STAMP)
 	$(PY) bench/train_step.py
 	$(PY) bench/pipeline.py
+	$(PY) bench/fullres.py
+	$(PY) bench/batchnorm.py
 	KERAS_BACKEND=jax $(PY) bench/gpu.py
 
 clean:
