@@ -78,6 +78,7 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
 from tf_explog.builders import TrainingSetup  # noqa: E402
+from tf_explog.callbacks import BestCheckpoint  # noqa: E402
 from tf_explog.config import Config, ConfigError, load_config  # noqa: E402
 from tf_explog.files import atomic_write  # noqa: E402
 
@@ -227,9 +228,7 @@ def _train(config: Config, args, out: Path) -> dict:
     # Inference-mode validation after BatchNorm recalibration, as tf-explog train does.
     callbacks = setup.inference_callbacks() + [
         clock,
-        keras.callbacks.ModelCheckpoint(str(out / "best.keras"), monitor=monitor,
-                                        mode="min" if monitor.endswith("loss") else "max",
-                                        save_best_only=True, verbose=0),
+        BestCheckpoint(out / "best.keras", monitor=monitor),
         keras.callbacks.CSVLogger(str(out / "metrics.csv"), append=False),
     ]
     steps = config.train.steps_per_epoch or len(train_seq)

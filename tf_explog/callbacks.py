@@ -36,6 +36,7 @@ __all__ = [
     "non_finite_weights",
     "eager_predict",
     "MetricsCSV",
+    "BestCheckpoint",
     "read_metrics_csv",
     "write_metrics_csv",
 ]
@@ -331,6 +332,65 @@ class MetricsCSV(keras.callbacks.Callback):
                 continue
         self.rows = [r for r in (self.rows or []) if r["epoch"] != epoch] + [row]
         write_metrics_csv(self.path, self.rows)
+
+
+class BestCheckpoint(keras.callbacks.Callback):
+    """Saves the model whenever ``monitor`` improves, atomically.
+
+    What ``keras.callbacks.ModelCheckpoint(save_best_only=True)`` does, with two differences
+    that matter for long runs: the file is written under a temporary name and renamed (Keras
+    writes in place, so a kill during the save left a 0-byte ``best.keras``), and a resumed
+    run starts from the best value of its earlier epochs, read from its ``metrics.csv``
+    (Keras starts from scratch, so the first resumed epoch replaced a better checkpoint).
+
+    Args:
+        path: the ``.keras`` file.
+        monitor: the log key, e.g. ``"val_dice"``.
+        mode: "max", "min" or "auto" (min for keys ending in "loss", else max).
+        metrics_csv: the run's ``metrics.csv`` (see :class:`MetricsCSV`), for resuming.
+    """
+
+    def __init__(self, path, monitor: str = "val_dice", mode: str = "auto",
+                 metrics_csv=None) -> None:
+        super().__init__()
+        if mode not in ("auto", "min", "max"):
+            raise InputError(f"BestCheckpoint: mode must be auto, min or max, got {mode!r}")
+        self.path, self.monitor, self.metrics_csv = path, monitor, metrics_csv
+        self.mode = ("min" if monitor.endswith("loss") else "max") if mode == "auto" else mode
+        self.best: Optional[float] = None
+        self._resumed = False
+
+    def _better(self, value: float) -> bool:
+        if self.best is None:
+            return True
+        return value < self.best if self.mode == "min" else value > self.best
+
+    def on_epoch_begin(self, epoch, logs=None):
+        if self._resumed:
+            return
+        self._resumed = True
+        from pathlib import Path
+
+        if self.metrics_csv is not None and Path(self.metrics_csv).is_file() and Path(
+                self.path).is_file():
+            for row in read_metrics_csv(self.metrics_csv):
+                value = row.get(self.monitor)
+                if row["epoch"] < epoch and value is not None and np.isfinite(value) and (
+                        self._better(value)):
+                    self.best = float(value)
+
+    def on_epoch_end(self, epoch, logs=None):
+        value = (logs or {}).get(self.monitor)
+        if value is None:
+            return
+        value = _as_float(value)
+        if not np.isfinite(value) or not self._better(value):
+            return
+        from tf_explog.files import atomic_path
+
+        with atomic_path(self.path) as tmp:
+            self.model.save(str(tmp))
+        self.best = value
 
 
 class EpochTimer(keras.callbacks.Callback):

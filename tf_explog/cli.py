@@ -205,7 +205,11 @@ def main(argv=None) -> int:
     from tf_explog.errors import InputError, NonFiniteError
 
     def fail(message: str, status: int) -> int:
-        print(f"tf-explog {args.command}: error: {message}", file=sys.stderr)
+        # One line, also for errors that list several problems (one per line, "  - ...").
+        first, *rest = str(message).strip().splitlines() or [""]
+        rest = [line.strip().removeprefix("- ") for line in rest if line.strip()]
+        line = first if not rest else f"{first} {'; '.join(rest)}"
+        print(f"tf-explog {args.command}: error: {line}", file=sys.stderr)
         return status
 
     try:

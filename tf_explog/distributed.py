@@ -38,17 +38,16 @@ def _is_chief(resolver) -> bool:
                                             and "chief" not in resolver.cluster_spec().jobs)
 
 
-def train_multi_worker(config, run: Run, fresh: bool = True) -> dict:
-    """Trains ``config`` in ``run`` with the custom loop; returns the history."""
-    from tf_explog.builders import (TrainingSetup, make_loss, make_optimizer, monitor_name,
-                                    term_metrics)
+def train_multi_worker(config, run: Run, setup, fresh: bool = True) -> dict:
+    """Trains ``config`` in ``run`` with the custom loop (``setup``: its
+    `tf_explog.builders.TrainingSetup`); returns the history."""
+    from tf_explog.builders import make_loss, make_optimizer, monitor_name, term_metrics
 
     strategy = tf.distribute.MultiWorkerMirroredStrategy()
     chief = _is_chief(strategy.cluster_resolver)
     # Only the chief writes the run; the others need somewhere for their checkpoint copies.
     work = run if chief else Run(Path(tempfile.mkdtemp(prefix="tf_explog_worker_")))
 
-    setup = TrainingSetup.from_config(config)
     if chief and fresh:
         run.write_info(config, setup.label_names, setup.num_channels, setup.preprocessor)
     class_weights = setup.class_weights
@@ -102,9 +101,12 @@ def train_multi_worker(config, run: Run, fresh: bool = True) -> dict:
     csv_path = work.metrics_csv
     best_path = work.best_checkpoint
     work.checkpoints_dir.mkdir(parents=True, exist_ok=True)
-    best = -np.inf
     history: dict[str, list] = {}
     csv_rows = read_metrics_csv(csv_path) if csv_path.is_file() else []
+    # A resumed run keeps its best so far (the checkpoint on disk is that epoch's).
+    earlier = [r.get(monitor_name(config)) for r in csv_rows
+               if r["epoch"] < int(epoch_var.numpy())]
+    best = max([v for v in earlier if v is not None and np.isfinite(v)], default=-np.inf)
     # Shard by batch: the stream reads from a cache, not from files TF can split.
     options = tf.data.Options()
     options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
@@ -154,7 +156,7 @@ def train_multi_worker(config, run: Run, fresh: bool = True) -> dict:
         if chief:
             if monitor is not None and monitor > best:
                 best = monitor
-                model.save(str(best_path))
+                work.save_model(model, "best")
             csv_rows = [r for r in csv_rows if r["epoch"] < epoch] + [{"epoch": epoch, **logs}]
             write_metrics_csv(csv_path, csv_rows)
         for key, value in logs.items():
@@ -166,9 +168,9 @@ def train_multi_worker(config, run: Run, fresh: bool = True) -> dict:
     if not chief:
         shutil.rmtree(work.path, ignore_errors=True)  # only the chief's files are kept
     else:
-        model.save(str(run.final_model))
+        run.save_model(model, "final")
         if not best_path.exists():
-            model.save(str(best_path))
+            run.save_model(model, "best")
         run.write_history(history)
     return history
 

@@ -773,7 +773,8 @@ def evaluate_dirs(
     targets = {key: out_dir / name for key, name in OUTPUT_FILES.items()}
     existing = [str(path) for path in targets.values() if path.exists()]
     if existing and not overwrite:
-        raise FileExistsError(f"outputs exist, pass overwrite=True to replace them: {', '.join(existing)}")
+        raise FileExistsError(f"outputs exist (pass --overwrite, or overwrite=True, to replace "
+                              f"them): {', '.join(existing)}")
 
     if truth.is_dir():
         cases = [(stem, path, [stem]) for stem, path in _nifti_files(truth, "truth").items()]

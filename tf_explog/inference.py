@@ -595,8 +595,8 @@ def predict_files(
                     for p in ((seg, prob) if save_probabilities else (seg,)) if p.exists()]
         if existing:
             raise FileExistsError(
-                f"{len(existing)} output(s) already exist (pass overwrite=True, or --overwrite "
-                "on the command line, to replace them): "
+                f"{len(existing)} output(s) already exist (pass --overwrite, or "
+                "overwrite=True, to replace them): "
                 + ", ".join(existing[:5]) + (" ..." if len(existing) > 5 else "")
             )
 

@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any, Optional, Sequence, Union
 
 from tf_explog.errors import InputError
-from tf_explog.files import atomic_write, write_json
+from tf_explog.files import atomic_path, atomic_write, write_json
 
 __all__ = ["Run", "RunError", "RunNotFoundError", "check_run_name"]
 
@@ -297,6 +297,32 @@ class Run:
     def mark_failed(self, error: str) -> None:
         """``FAILED.json``: nobody takes this run for a finished one."""
         write_json(self.failed_file, {"error": str(error)})
+
+    def save_model(self, model, which: str = "final") -> Path:
+        """Saves a Keras model as the run's ``"final"`` or ``"best"`` checkpoint, atomically
+        (a kill leaves the previous complete file, never a truncated one)."""
+        if which not in ("best", "final"):
+            raise RunError(f"save_model: expected 'best' or 'final', got {which!r}.")
+        path = self.best_checkpoint if which == "best" else self.final_model
+        with atomic_path(path) as tmp:
+            model.save(str(tmp))
+        return path
+
+    def discard_if_empty(self) -> bool:
+        """Removes the run directory when no epoch of it ever finished (no metrics, no resume
+        state, no checkpoint): a run that failed at its start leaves nothing behind.
+
+        Returns:
+            Whether it was removed.
+        """
+        import shutil
+
+        started = (self.metrics_csv.exists() or self.backup_dir.exists()
+                   or any(self.checkpoints_dir.glob("*.keras")) or self.failed)
+        if started or not self.path.is_dir():
+            return False
+        shutil.rmtree(self.path, ignore_errors=True)
+        return True
 
     def write_history(self, history: dict) -> None:
         write_json(self.history_file, history)

@@ -22,7 +22,7 @@ import numpy as np
 import tensorflow as tf
 
 from tf_explog.builders import TrainingSetup, monitor_name
-from tf_explog.callbacks import MetricsCSV
+from tf_explog.callbacks import BestCheckpoint, MetricsCSV
 from tf_explog.config import Config, ConfigError
 from tf_explog.errors import NonFiniteError
 from tf_explog.labels import SEGMENTATION
@@ -120,9 +120,7 @@ def standard_callbacks(config: Config, run: Run, sample, num_classes):
     callbacks = [
         keras.callbacks.BackupAndRestore(str(run.backup_dir), save_freq="epoch",
                                          delete_checkpoint=True),
-        keras.callbacks.ModelCheckpoint(str(run.best_checkpoint), monitor=monitor,
-                                        mode="min" if monitor.endswith("loss") else "max",
-                                        save_best_only=True, verbose=0),
+        BestCheckpoint(run.best_checkpoint, monitor=monitor, metrics_csv=run.metrics_csv),
         MetricsCSV(run.metrics_csv),
         keras.callbacks.TensorBoard(str(run.tensorboard_dir), write_graph=False,
                                     profile_batch=0),
@@ -166,6 +164,8 @@ def train(config: Config, *, resume: str | Path | None = None, extra_callbacks=(
         run.check_resumable()
         config = run.config
     check_dtype_policy(config.train.dtype_policy)  # before anything is created on disk
+    # Every case of every split is checked here, so bad data never leaves a run directory.
+    setup = TrainingSetup.from_config(config)
     if resume is None:
         run = Run.create(config, run_dir)
 
@@ -176,21 +176,26 @@ def train(config: Config, *, resume: str | Path | None = None, extra_callbacks=(
         if config.train.strategy == "multi_worker":
             from tf_explog.distributed import train_multi_worker
 
-            history = train_multi_worker(config, run, fresh=resume is None)
+            history = train_multi_worker(config, run, setup, fresh=resume is None)
         else:
-            history = _fit(config, run, extra_callbacks, fresh=resume is None)
+            history = _fit(config, run, setup, extra_callbacks, fresh=resume is None)
     except NonFiniteError as err:
         # Marked so nobody takes the run for a finished one; best.keras (if any) is from an
         # earlier, finite epoch.
         run.mark_failed(str(err))
         raise NonFiniteError(f"{err} (run directory: {run.path})") from None
+    except BaseException:
+        # A run that never finished an epoch holds nothing to resume: leave no empty folder.
+        # Later failures keep the resume state (--resume continues at the last epoch).
+        if resume is None:
+            run.discard_if_empty()
+        raise
     finally:
         keras.config.set_dtype_policy(previous_policy)
     return TrainResult(run.path, history, run.best_checkpoint, run.final_model)
 
 
-def _fit(config: Config, run: Run, extra_callbacks, fresh: bool) -> dict:
-    setup = TrainingSetup.from_config(config)  # every case of every split checked first
+def _fit(config: Config, run: Run, setup: TrainingSetup, extra_callbacks, fresh: bool) -> dict:
     if fresh:
         run.write_info(config, setup.label_names, setup.num_channels, setup.preprocessor)
     strategy = make_strategy(config.train.strategy)
@@ -213,8 +218,8 @@ def _fit(config: Config, run: Run, extra_callbacks, fresh: bool) -> dict:
         steps_per_epoch=config.train.steps_per_epoch, callbacks=callbacks,
         shuffle=False,  # the tf.data pipeline shuffles, seeded
         verbose=config.train.verbose)
-    model.save(str(run.final_model))
+    run.save_model(model, "final")
     if not run.best_checkpoint.exists():  # no validation split: the final model is the best
-        model.save(str(run.best_checkpoint))
+        run.save_model(model, "best")
     run.write_history(history.history)
     return history.history

@@ -212,7 +212,26 @@ def canonical_geometry(path: PathLike) -> tuple:
     return tuple(canon), spacing, (shape[3] if len(shape) == 4 else 1)
 
 
+#: Largest volume decoded, in bytes as float32 (or the stored type, if wider): a header that
+#: declares more is refused before any memory is allocated. Set TF_EXPLOG_MAX_VOLUME_BYTES
+#: (or this attribute) to change it.
+MAX_VOLUME_BYTES = int(os.environ.get("TF_EXPLOG_MAX_VOLUME_BYTES", 4 << 30))
+
+
+def _check_size(img, path: PathLike) -> None:
+    shape = tuple(int(s) for s in img.shape)
+    itemsize = max(4, np.dtype(img.get_data_dtype()).itemsize)
+    size = int(np.prod(shape, dtype=np.float64)) * itemsize
+    if size > MAX_VOLUME_BYTES:
+        raise NiftiError(
+            f"{os.fspath(path)}: the header declares shape {shape} of "
+            f"{img.get_data_dtype()} ({size / 2**30:.1f} GiB as float32), above the limit "
+            f"of {MAX_VOLUME_BYTES / 2**30:.1f} GiB; a corrupt header, or raise "
+            "TF_EXPLOG_MAX_VOLUME_BYTES")
+
+
 def _decode(img, path: PathLike) -> np.ndarray:
+    _check_size(img, path)
     try:
         return np.asanyarray(img.dataobj)
     except Exception as exc:  # truncated gzip: EOFError, zlib.error, OSError or ValueError

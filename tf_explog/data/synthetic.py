@@ -665,7 +665,7 @@ def generate_dataset(
     non_empty = out.is_dir() and any(out.iterdir())
     if non_empty and not overwrite:
         raise OutputExistsError(
-            f"generate_dataset: out_dir {str(out)!r} is not empty; pass overwrite=True "
+            f"generate_dataset: out_dir {str(out)!r} is not empty; pass --overwrite (overwrite=True) "
             "to replace the data set in it"
         )
     out.parent.mkdir(parents=True, exist_ok=True)
