@@ -255,3 +255,32 @@ def test_random_affine_is_reexported_lazily():
     import tf_explog.layers
 
     assert tf_explog.layers.RandomAffine3D is augmentation.RandomAffine3D
+
+
+def test_import_tf_explog_is_enough_to_load_a_saved_model(tmp_path):
+    """A fresh interpreter that only imports tf_explog loads a model with custom layers."""
+    import subprocess
+    import sys
+
+    model = build_model(num_classes=3, filters=(4, 4, 4, 4, 4), encoder_depths=(1,) * 5,
+                        decoder_depths=(1,) * 4)
+    path = tmp_path / "m.keras"
+    model.save(str(path))
+    script = ("import keras, numpy as np, tf_explog\n"
+              f"m = keras.saving.load_model({str(path)!r})\n"
+              "print(m.predict(np.zeros((1, 16, 16, 16, 1), 'float32'), verbose=0).shape)\n")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "(1, 16, 16, 16, 3)" in result.stdout
+
+
+def test_sizes_not_multiple_of_16_get_a_clear_error():
+    from tf_explog.errors import InputError
+
+    model = build_model(num_classes=3, filters=(4, 4, 4, 4, 4), encoder_depths=(1,) * 5,
+                        decoder_depths=(1,) * 4)
+    with pytest.raises(InputError, match=r"20 \(axis 1\).*multiples of 16.*pad"):
+        model.predict(np.zeros((1, 20, 16, 16, 1), "float32"), verbose=0)
+    assert model.predict(np.zeros((1, 16, 32, 16, 1), "float32"), verbose=0).shape == (
+        1, 16, 32, 16, 3)

@@ -8,7 +8,8 @@
     tf-explog reproduce --config FILE
     tf-explog demo
 
-Heavy modules (TensorFlow) are imported inside each command, so ``--help`` is instant.
+TensorFlow is imported inside the commands that need it (``import tf_explog`` itself imports
+Keras, to register the package's custom objects).
 """
 
 from __future__ import annotations

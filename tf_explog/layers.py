@@ -18,7 +18,7 @@ import keras
 from keras import layers, ops
 from tf_explog.errors import InputError
 
-__all__ = ["Block"]
+__all__ = ["Block", "SpatialSizeCheck"]
 
 
 def _positive_int(value: Any, what: str) -> int:
@@ -150,3 +150,41 @@ def __getattr__(name: str):
             ) from err
         return module.RandomAffine3D
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+@keras.saving.register_keras_serializable(package="tf_explog")
+class SpatialSizeCheck(layers.Layer):
+    """Identity that refuses spatial sizes the network cannot take, with a clear message.
+
+    The paper's network halves the resolution 4 times, so each spatial size must be a
+    multiple of 16; otherwise a concatenation deep inside fails with a shape error that
+    names no input. Checked on the static shape (known in eager calls, ``predict`` on arrays
+    and under ``jax.jit``; a symbolic ``None`` passes). ``tf_explog.inference.predict_volume``
+    and the exported SavedModel pad for you.
+
+    Args:
+        divisor: the multiple each spatial size must be.
+    """
+
+    def __init__(self, divisor: int = 16, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.divisor = _positive_int(divisor, "divisor")
+
+    def call(self, inputs):
+        shape = tuple(inputs.shape)
+        bad = [f"{s} (axis {axis})" for axis, s in enumerate(shape[1:-1], start=1)
+               if s is not None and int(s) % self.divisor]
+        if bad:
+            raise InputError(
+                f"{self.name}: input spatial size(s) {', '.join(bad)} of shape {shape} are "
+                f"not multiples of {self.divisor}; pad the volume (e.g. "
+                "tf_explog.data.core.pad_to_multiple, or predict with "
+                "tf_explog.inference.predict_volume, which pads and crops back)")
+        return inputs
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    def get_config(self) -> dict:
+        return {**super().get_config(), "divisor": self.divisor}
+

@@ -16,7 +16,7 @@ from typing import Any, Sequence
 import keras
 from keras import layers
 
-from tf_explog.layers import Block
+from tf_explog.layers import Block, SpatialSizeCheck
 
 __all__ = ["build_model", "aux_loss_weights", "output_names", "SEGMENTATION", "aux_name"]
 
@@ -107,9 +107,11 @@ def build_model(
     full resolution) → Conv3D 1³ → softmax, the output ``"segmentation"``.
 
     Auxiliary heads (Conv3D 1³ → softmax) on the decoder outputs at 1/2, 1/4, 1/8 resolution
-    are the outputs ``"aux_1"``, ``"aux_2"``, ``"aux_3"``; their labels are
-    ``labels[::f, ::f, ::f]`` with ``f = 2, 4, 8``. All softmax outputs are float32 whatever
-    the dtype policy; the pre-softmax convs are named ``"<output>_logits"``.
+    are the outputs ``"aux_1"``, ``"aux_2"``, ``"aux_3"``; their losses compare them with the
+    full-resolution labels averaged over 2³, 4³, 8³ blocks (soft targets that keep each
+    structure's volume, ``tf_explog.losses.deep_supervision_losses``). All softmax outputs are
+    float32 whatever the dtype policy; the pre-softmax convs are named ``"<output>_logits"``.
+    A first layer refuses spatial sizes that are not multiples of 16 with a clear message.
 
     Args:
         input_shape: ``(D, H, W, C)``; spatial sizes None or multiples of
@@ -151,7 +153,7 @@ def build_model(
     n_aux = _n_aux(aux_outputs, levels - 2)
 
     inputs = keras.Input(shape=input_shape, name="image")
-    x = inputs
+    x = SpatialSizeCheck(divisor, name="size_check")(inputs)
     if noise_std > 0:
         x = layers.GaussianNoise(float(noise_std), seed=seed, name="input_noise")(x)
 
