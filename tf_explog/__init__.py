@@ -21,11 +21,18 @@ if "tensorflow" not in _sys.modules:
 
 # Importing the package registers every custom Keras object (layers, losses, metrics,
 # augmentation), so `import tf_explog; keras.saving.load_model("best.keras")` works without
-# custom_objects. These modules need Keras only (never TensorFlow).
-from tf_explog import augmentation as _augmentation  # noqa: E402,F401  # pyflakes: ignore
-from tf_explog import layers as _layers  # noqa: E402,F401
-from tf_explog import losses as _losses  # noqa: E402,F401
-from tf_explog import metrics as _metrics  # noqa: E402,F401
+# custom_objects. These modules need Keras only (never TensorFlow itself), but Keras imports
+# TensorFlow when it is its backend, whose C++ start-up lines (oneDNN, CUDA, CPU features)
+# bypass TF_CPP_MIN_LOG_LEVEL: on a plain terminal they are dropped during this import
+# (TF_EXPLOG_NATIVE_LOGS=1 keeps them; notebooks and captured streams are left alone).
+from tf_explog.console import NativeLogFilter as _NativeLogFilter  # noqa: E402
+
+with _NativeLogFilter(enabled=_sys.stderr is _sys.__stderr__
+                      and not _os.environ.get("TF_EXPLOG_NATIVE_LOGS")):
+    from tf_explog import augmentation as _augmentation  # noqa: E402,F401
+    from tf_explog import layers as _layers  # noqa: E402,F401
+    from tf_explog import losses as _losses  # noqa: E402,F401
+    from tf_explog import metrics as _metrics  # noqa: E402,F401
 
 _SUBMODULES = {
     "losses",

@@ -37,6 +37,7 @@ __all__ = [
     "eager_predict",
     "MetricsCSV",
     "BestCheckpoint",
+    "EpochSummary",
     "read_metrics_csv",
     "write_metrics_csv",
 ]
@@ -391,6 +392,29 @@ class BestCheckpoint(keras.callbacks.Callback):
         with atomic_path(self.path) as tmp:
             self.model.save(str(tmp))
         self.best = value
+
+
+class EpochSummary(keras.callbacks.Callback):
+    """Prints one short line per epoch (`tf_explog.console.epoch_line`): loss, mean Dice,
+    validation Dice with the best so far, seconds. Place it after the callbacks that add
+    validation and timing to the logs."""
+
+    def __init__(self, epochs: Optional[int] = None, monitor: str = "val_dice") -> None:
+        super().__init__()
+        self.epochs, self.monitor = epochs, monitor
+        self.best: Optional[tuple] = None
+
+    def on_epoch_end(self, epoch, logs=None):
+        from tf_explog.console import epoch_line
+
+        logs = logs or {}
+        value = logs.get(self.monitor)
+        if value is not None and np.isfinite(_as_float(value)):
+            lower = self.monitor.endswith("loss")
+            value = _as_float(value)
+            if self.best is None or (value < self.best[0] if lower else value > self.best[0]):
+                self.best = (value, epoch)
+        print(epoch_line(epoch, self.epochs, logs, self.best, self.monitor), flush=True)
 
 
 class EpochTimer(keras.callbacks.Callback):

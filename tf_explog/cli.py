@@ -62,6 +62,7 @@ def cmd_predict(args) -> int:
 
     written = predict_files(args.model, args.input, args.output, overwrite=args.overwrite,
                             save_probabilities=args.probabilities, tta=args.tta,
+                            progress=sys.stdout.isatty(),
                             window_batch=args.window_batch, ids=args.ids)
     print(f"wrote {len(written)} segmentation(s) to {args.output}")
     return 0
@@ -108,10 +109,14 @@ def build_parser() -> argparse.ArgumentParser:
         description="3D segmentation with the exponential logarithmic loss (Wong et al. 2018).")
     parser.add_argument("--debug", action="store_true",
                         help="show the Python traceback of any error")
+    parser.add_argument("--verbose", action="store_true",
+                        help="keep TensorFlow's native log lines (dropped by default)")
     # Also accepted after the subcommand; SUPPRESS keeps the main parser's value otherwise.
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
                         help="show the Python traceback of any error")
+    common.add_argument("--verbose", action="store_true", default=argparse.SUPPRESS,
+                        help="keep TensorFlow's native log lines (dropped by default)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("synth", parents=[common],
@@ -213,8 +218,12 @@ def main(argv=None) -> int:
         print(f"tf-explog {args.command}: error: {line}", file=sys.stderr)
         return status
 
+    from tf_explog.console import NativeLogFilter
+
+    quiet = not (args.verbose or os.environ.get("TF_EXPLOG_NATIVE_LOGS"))
     try:
-        return args.func(args)
+        with NativeLogFilter(enabled=quiet):
+            return args.func(args)
     except NonFiniteError as err:
         # Training diverged: one line, a failure status, and nothing NaN was kept.
         return fail(str(err), EXIT_NON_FINITE)

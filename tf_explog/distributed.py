@@ -24,6 +24,7 @@ import numpy as np
 import tensorflow as tf
 
 from tf_explog.batchnorm import recalibrate_batchnorm
+from tf_explog.console import epoch_line
 from tf_explog.callbacks import (NonFiniteGuard, eager_predict, read_metrics_csv,
                                  validate_volumes, write_metrics_csv)
 from tf_explog.data.core import clean_batches
@@ -161,9 +162,8 @@ def train_multi_worker(config, run: Run, setup, fresh: bool = True) -> dict:
             write_metrics_csv(csv_path, csv_rows)
         for key, value in logs.items():
             history.setdefault(key, []).append(value)
-        if config.train.verbose:
-            shown = " ".join(f"{k}={v:.4f}" for k, v in logs.items())
-            print(f"[tf_explog] epoch {epoch + 1}/{config.train.epochs} {shown}", flush=True)
+        if config.train.verbose and chief:
+            print(epoch_line(epoch, config.train.epochs, logs), flush=True)
 
     if not chief:
         shutil.rmtree(work.path, ignore_errors=True)  # only the chief's files are kept

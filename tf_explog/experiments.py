@@ -23,6 +23,7 @@ import platform
 import shutil
 import tempfile
 import time
+import sys
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -410,7 +411,7 @@ def demo(tiny: bool = False, root: str | Path | None = None) -> dict:
 
     manifest = load_manifest(config)
     evaluation, _, _ = segment_and_evaluate(result.run_dir, manifest.entries("test"),
-                                            manifest.label_names, progress=True,
+                                            manifest.label_names, progress=sys.stdout.isatty(),
                                             label_map=manifest.label_map,
                                             unknown_labels=manifest.unknown_labels)
     report_dir = root / "reports" / result.run_dir.parent.name / result.run_dir.name

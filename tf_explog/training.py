@@ -22,7 +22,7 @@ import numpy as np
 import tensorflow as tf
 
 from tf_explog.builders import TrainingSetup, monitor_name
-from tf_explog.callbacks import BestCheckpoint, MetricsCSV
+from tf_explog.callbacks import BestCheckpoint, EpochSummary, MetricsCSV
 from tf_explog.config import Config, ConfigError
 from tf_explog.errors import NonFiniteError
 from tf_explog.labels import SEGMENTATION
@@ -125,6 +125,8 @@ def standard_callbacks(config: Config, run: Run, sample, num_classes):
         keras.callbacks.TensorBoard(str(run.tensorboard_dir), write_graph=False,
                                     profile_batch=0),
     ]
+    if config.train.verbose:
+        callbacks.append(EpochSummary(config.train.epochs, monitor))
     if sample is not None and config.train.image_summary_every:
         image, labels = sample
         callbacks.append(ImageSummary(run.tensorboard_dir / "images", image, labels,
@@ -217,7 +219,8 @@ def _fit(config: Config, run: Run, setup: TrainingSetup, extra_callbacks, fresh:
         train_ds, epochs=config.train.epochs,
         steps_per_epoch=config.train.steps_per_epoch, callbacks=callbacks,
         shuffle=False,  # the tf.data pipeline shuffles, seeded
-        verbose=config.train.verbose)
+        # One short line per epoch (EpochSummary); Keras' own would list every structure.
+        verbose=0)
     run.save_model(model, "final")
     if not run.best_checkpoint.exists():  # no validation split: the final model is the best
         run.save_model(model, "best")
