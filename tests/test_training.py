@@ -75,6 +75,8 @@ def read_scalars(log_dir: Path) -> dict:
     for path in sorted(log_dir.rglob("events.out.tfevents.*")):
         for event in tf.compat.v1.train.summary_iterator(str(path)):
             for value in event.summary.value:
+                if value.metadata.plugin_data.plugin_name == "hparams":
+                    continue  # the run's settings, not a series
                 if value.metadata.plugin_data.plugin_name == "images" or value.HasField(
                         "image"):
                     out.setdefault(f"{path.parent.name}/{value.tag}", []).append("image")
@@ -114,21 +116,29 @@ def test_run_directory_contents(trained):
     assert model.output_shape == (None, None, None, None, 3)
 
 
-def test_tensorboard_has_per_label_dice_terms_lr_and_images(trained):
+def test_tensorboard_has_grouped_tags_images_and_hparams(trained):
     scalars = read_scalars(trained.run_dir / "tensorboard")
-    for tag in ("validation/epoch_dice_small", "validation/epoch_dice_big",
-                "validation/epoch_dice", "train/epoch_loss", "train/epoch_dice_term",
-                "train/epoch_cross_term", "train/epoch_learning_rate"):
-        assert tag in scalars, sorted(scalars)
-        assert len(scalars[tag]) == 6
-    np.testing.assert_allclose(scalars["train/epoch_learning_rate"], 0.01, rtol=1e-6)
-    np.testing.assert_allclose(scalars["validation/epoch_dice"], trained.history["val_dice"],
-                               rtol=1e-5)
-    # image summaries every 3 epochs: epochs 3 and 6, three views each
-    images = [t for t in scalars if t.startswith("images/overlay/")]
-    assert sorted(images) == ["images/overlay/axis0", "images/overlay/axis1",
-                              "images/overlay/axis2"]
+    for tag in ("dice_by_structure/small", "dice_by_structure/big", "dice/validation",
+                "dice/train", "loss/train", "loss/validation", "loss/dice_term",
+                "loss/cross_term", "optimizer/learning_rate", "time/epoch_seconds"):
+        assert f"tensorboard/{tag}" in scalars, sorted(scalars)
+        assert len(scalars[f"tensorboard/{tag}"]) == 6
+    # One writer: no tag is written twice per epoch, no train/validation duplicates.
+    assert not [t for t in scalars if t.split("/")[1].startswith(("epoch_", "train", "valid"))]
+    np.testing.assert_allclose(scalars["tensorboard/optimizer/learning_rate"], 0.01, rtol=1e-6)
+    np.testing.assert_allclose(scalars["tensorboard/dice/validation"],
+                               trained.history["val_dice"], rtol=1e-5)
+    # images every 3 epochs (3 and 6): captioned overlays with a legend, and a Dice chart
+    images = sorted(t for t in scalars if scalars[t] and scalars[t][0] == "image")
+    assert images == ["tensorboard/dice_by_structure/chart",
+                      "tensorboard/overlays/middle_slices"], images
     assert all(len(scalars[t]) == 2 for t in images)
+    # HParams: the run's settings, for comparing runs (reproduce arms) side by side
+    plugins = set()
+    for path in (trained.run_dir / "tensorboard").glob("events.out.tfevents.*"):
+        for event in tf.compat.v1.train.summary_iterator(str(path)):
+            plugins.update(v.metadata.plugin_data.plugin_name for v in event.summary.value)
+    assert "hparams" in plugins
 
 
 def test_overlay_panel_colours_labels():

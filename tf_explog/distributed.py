@@ -31,6 +31,7 @@ from tf_explog.data.core import clean_batches
 from tf_explog.errors import InputError, NonFiniteError
 from tf_explog.metrics import _log_key
 from tf_explog.runs import Run
+from tf_explog.summaries import scalar_tags
 
 
 def _is_chief(resolver) -> bool:
@@ -97,8 +98,8 @@ def train_multi_worker(config, run: Run, setup, fresh: bool = True) -> dict:
         return [strategy.reduce(tf.distribute.ReduceOp.SUM, v, axis=None)
                 for v in per_replica]
 
-    writer = tf.summary.create_file_writer(str(work.tensorboard_dir / "train"))
-    val_writer = tf.summary.create_file_writer(str(work.tensorboard_dir / "validation"))
+    writer = tf.summary.create_file_writer(str(work.tensorboard_dir))
+    structure_keys = [_log_key(n) for n in label_names[1:]]
     csv_path = work.metrics_csv
     best_path = work.best_checkpoint
     work.checkpoints_dir.mkdir(parents=True, exist_ok=True)
@@ -143,14 +144,9 @@ def train_multi_worker(config, run: Run, setup, fresh: bool = True) -> dict:
                          zip(label_names[1:], result["dice_per_label"][1:])})
             logs["val_loss"] = result["loss"]
 
-        with writer.as_default():
-            for key, value in logs.items():
-                if not key.startswith("val_"):
-                    tf.summary.scalar(f"epoch_{key}", value, step=epoch)
-        with val_writer.as_default():
-            for key, value in logs.items():
-                if key.startswith("val_"):
-                    tf.summary.scalar(f"epoch_{key[4:]}", value, step=epoch)
+        with writer.as_default():  # the same grouped tags as the fit path
+            for tag, value in scalar_tags(logs, structure_keys).items():
+                tf.summary.scalar(tag, value, step=epoch)
         epoch_var.assign(epoch + 1)
         manager.save()  # every worker must take part; non-chiefs write to a temp dir
         monitor = logs.get(monitor_name(config))

@@ -18,15 +18,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import keras
-import numpy as np
 import tensorflow as tf
 
 from tf_explog.builders import TrainingSetup, monitor_name
 from tf_explog.callbacks import BestCheckpoint, EpochSummary, MetricsCSV
 from tf_explog.config import Config, ConfigError
 from tf_explog.errors import NonFiniteError
-from tf_explog.labels import SEGMENTATION
-from tf_explog.plots import overlay_panel
 from tf_explog.runs import Run
 
 @dataclass
@@ -85,52 +82,24 @@ def make_strategy(name: str) -> tf.distribute.Strategy:
 # --------------------------------------------------------------------------------------
 
 
-class ImageSummary(keras.callbacks.Callback):
-    """Every N epochs: middle slices of image, ground truth and prediction as overlays."""
-
-    def __init__(self, log_dir, image, labels, num_classes, every=5):
-        super().__init__()
-        self.writer = tf.summary.create_file_writer(str(log_dir))
-        self.image, self.labels = image, labels
-        self.num_classes, self.every = num_classes, every
-
-    def on_epoch_end(self, epoch, logs=None):
-        if not self.every or (epoch + 1) % self.every:
-            return
-        out = self.model(self.image[None], training=False)
-        if isinstance(out, dict):
-            out = out[SEGMENTATION]
-        pred = np.argmax(keras.ops.convert_to_numpy(out)[0], axis=-1)
-        with self.writer.as_default():
-            for axis in range(3):
-                panel = overlay_panel(self.image, self.labels, pred, self.num_classes, axis)
-                # Small volumes make tiny images: enlarge (nearest) to >= 256 px high.
-                scale = max(1, 256 // panel.shape[0])
-                panel = panel.repeat(scale, axis=0).repeat(scale, axis=1)
-                tf.summary.image(f"overlay/axis{axis}", panel[None], step=epoch)
-        self.writer.flush()
-
-
-def standard_callbacks(config: Config, run: Run, sample, num_classes):
-    """Resume state, best checkpoint, CSV, TensorBoard and overlays (in this order).
+def standard_callbacks(config: Config, run: Run, sample, label_names, window=None):
+    """Resume state, best checkpoint, CSV, TensorBoard and the epoch line (in this order).
 
     They come after `TrainingSetup.inference_callbacks`, whose validation logs they read.
     """
+    from tf_explog.summaries import TensorBoardSummary, hparams_of
+
     monitor = monitor_name(config)
     callbacks = [
         keras.callbacks.BackupAndRestore(str(run.backup_dir), save_freq="epoch",
                                          delete_checkpoint=True),
         BestCheckpoint(run.best_checkpoint, monitor=monitor, metrics_csv=run.metrics_csv),
         MetricsCSV(run.metrics_csv),
-        keras.callbacks.TensorBoard(str(run.tensorboard_dir), write_graph=False,
-                                    profile_batch=0),
+        TensorBoardSummary(run.tensorboard_dir, label_names, sample,
+                           config.train.image_summary_every, hparams_of(config), window),
     ]
     if config.train.verbose:
         callbacks.append(EpochSummary(config.train.epochs, monitor))
-    if sample is not None and config.train.image_summary_every:
-        image, labels = sample
-        callbacks.append(ImageSummary(run.tensorboard_dir / "images", image, labels,
-                                      num_classes, config.train.image_summary_every))
     return callbacks
 
 
@@ -208,7 +177,7 @@ def _fit(config: Config, run: Run, setup: TrainingSetup, extra_callbacks, fresh:
     callbacks = (setup.inference_callbacks(eager_validation=strategy.num_replicas_in_sync > 1)
                  + standard_callbacks(config, run, first_sample(setup.volumes("validation"),
                                                                 setup.volumes("training")),
-                                      setup.num_classes)
+                                      setup.label_names, setup.window)
                  + list(extra_callbacks))
     # One line whatever the verbosity: which run, and how it is set up.
     print(f"[tf_explog] run {run.path} seed={config.seed} policy="

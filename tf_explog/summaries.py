@@ -1,0 +1,172 @@
+"""TensorBoard for this work: grouped scalars, captioned overlays, Dice charts, HParams.
+
+One event-file writer per run (``<run>/tensorboard``), so nothing appears twice, and tags
+grouped by what they measure:
+
+| group | tags |
+|---|---|
+| ``loss/`` | ``train``, ``validation``, ``dice_term``, ``cross_term`` (ExpLogLoss's two terms) |
+| ``dice/`` | ``train`` (mean over structures, training batches), ``validation`` (inference mode) |
+| ``dice_by_structure/`` | one chart per structure (validation, inference mode) |
+| ``time/`` | ``epoch_seconds``, ``validation_seconds``, ``recalibration_seconds`` |
+| ``optimizer/`` | ``learning_rate`` |
+
+Images every ``train.image_summary_every`` epochs: ``overlays/axis_<k>`` (image | ground
+truth | prediction of the first validation volume, a legend of the structures' colours and a
+caption) and ``dice_by_structure/chart`` (validation Dice per structure, smallest first).
+At the start of training the run's settings are written as HParams (loss, γ, learning rate,
+schedule, geometry, patch size, auxiliary heads, epochs), so ``tensorboard --logdir`` over
+the runs of a ``reproduce`` comparison shows its arms side by side in the HParams tab.
+
+TensorFlow (``tf.summary``) and TensorBoard's HParams plugin: import only where TensorFlow is.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional, Sequence
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from tf_explog.metrics import _log_key
+
+__all__ = ["scalar_tags", "TensorBoardSummary", "hparams_of"]
+
+# Keras log key -> TensorBoard tag (per-structure keys are handled by prefix).
+_SCALARS = {
+    "loss": "loss/train",
+    "val_loss": "loss/validation",
+    "dice_term": "loss/dice_term",
+    "cross_term": "loss/cross_term",
+    "dice": "dice/train",
+    "val_dice": "dice/validation",
+    "epoch_seconds": "time/epoch_seconds",
+    "time_validation": "time/validation_seconds",
+    "time_recalibration": "time/recalibration_seconds",
+    "learning_rate": "optimizer/learning_rate",
+}
+
+
+def scalar_tags(logs: dict, structure_keys: Sequence[str] = ()) -> dict:
+    """``{tag: value}`` for the epoch logs worth a chart (see the module docstring).
+
+    Args:
+        logs: the epoch's Keras logs.
+        structure_keys: the log-key form of each structure name (``val_dice_<key>`` become
+            ``dice_by_structure/<key>``).
+    """
+    out = {}
+    for key, tag in _SCALARS.items():
+        if key in logs:
+            out[tag] = float(np.asarray(logs[key]))
+    for name in structure_keys:
+        key = f"val_dice_{name}"
+        if key in logs:
+            out[f"dice_by_structure/{name}"] = float(np.asarray(logs[key]))
+    return out
+
+
+def hparams_of(config) -> dict:
+    """The settings that tell runs (and ``reproduce`` arms) apart, for the HParams tab."""
+    d, p = config.data, config.data.preprocess
+    loss_params = dict(config.loss.params)
+    return {
+        "loss": config.loss.name,
+        "gamma_dice": float(loss_params.get("gamma_dice", loss_params.get("gamma", 0.0))),
+        "gamma_cross": float(loss_params.get("gamma_cross", loss_params.get("gamma", 0.0))),
+        "class_weights": str(config.loss.class_weights if not isinstance(
+            config.loss.class_weights, list) else "list"),
+        "learning_rate": float(config.train.learning_rate),
+        "lr_schedule": config.train.lr_schedule,
+        "optimizer": config.train.optimizer,
+        "epochs": int(config.train.epochs),
+        "steps_per_epoch": int(config.train.steps_per_epoch or 0),
+        "mode": d.mode,
+        "patch_size": "x".join(str(s) for s in d.patch_size) if d.mode == "patch" else "",
+        "preset": p.preset or "",
+        "resize_shape": str(p.resize_shape or ""),
+        "crop_foreground": bool(p.crop_foreground),
+        "aux_outputs": int(config.model.aux_outputs),
+        "dtype_policy": config.train.dtype_policy,
+        "seed": int(config.seed),
+    }
+
+
+class TensorBoardSummary(keras.callbacks.Callback):
+    """Writes the run's TensorBoard: grouped scalars each epoch, images every ``every``
+    epochs, HParams once. Place it after the callbacks that add validation to the logs.
+
+    Args:
+        log_dir: the run's ``tensorboard`` folder.
+        label_names: names by class id (background first).
+        sample: ``(image [D, H, W, C], labels [D, H, W])`` for the overlays, or None.
+        every: epochs between images (0: none).
+        hparams: ``{name: value}`` written once (see :func:`hparams_of`), or None.
+        window: sliding window for the overlay's prediction (patch-trained models).
+    """
+
+    def __init__(self, log_dir, label_names: Sequence[str], sample=None, every: int = 5,
+                 hparams: Optional[dict] = None, window=None) -> None:
+        super().__init__()
+        self.log_dir = Path(log_dir)
+        self.label_names = list(label_names)
+        self.keys = [_log_key(n) for n in self.label_names[1:]]
+        self.sample, self.every, self.hparams, self.window = sample, every, hparams, window
+        self.writer = None
+
+    def on_train_begin(self, logs=None):
+        self.writer = tf.summary.create_file_writer(str(self.log_dir))
+        if self.hparams:
+            from tensorboard.plugins.hparams import api as hp
+
+            with self.writer.as_default():
+                hp.hparams(self.hparams, trial_id=self.log_dir.parent.name)
+
+    def on_epoch_end(self, epoch, logs=None):
+        logs = dict(logs or {})
+        if "learning_rate" not in logs and self.model is not None:
+            try:
+                logs["learning_rate"] = float(keras.ops.convert_to_numpy(
+                    self.model.optimizer.learning_rate))
+            except (AttributeError, TypeError, ValueError):
+                pass
+        with self.writer.as_default():
+            for tag, value in scalar_tags(logs, self.keys).items():
+                tf.summary.scalar(tag, value, step=epoch)
+            if self.every and (epoch + 1) % self.every == 0:
+                self._images(epoch, logs)
+        self.writer.flush()
+
+    def on_train_end(self, logs=None):
+        if self.writer is not None:
+            self.writer.flush()
+
+    def _images(self, epoch: int, logs: dict) -> None:
+        from tf_explog.plots import dice_by_structure_figure, figure_png, overlay_figure
+
+        def image_summary(tag, fig, description):
+            png = figure_png(fig)
+            tf.summary.image(tag, tf.image.decode_png(png)[None], step=epoch,
+                             description=description)
+
+        if self.sample is not None:
+            from tf_explog.inference import predict_volume
+
+            image, labels = self.sample
+            probs = predict_volume(self.model, image, window=self.window)
+            pred = probs.argmax(-1)
+            fig = overlay_figure(image, labels, pred, self.label_names,
+                                 title=f"epoch {epoch + 1}: middle slices")
+            image_summary("overlays/middle_slices", fig,
+                          f"Epoch {epoch + 1}, first validation volume, inference mode: "
+                          "image | ground truth | prediction along each axis; colours as "
+                          "in the legend.")
+        values = [logs.get(f"val_dice_{k}") for k in self.keys]
+        if all(v is not None for v in values):
+            fig = dice_by_structure_figure(self.label_names[1:], [float(v) for v in values],
+                                           None, title=f"validation Dice, epoch {epoch + 1}")
+            image_summary("dice_by_structure/chart", fig,
+                          f"Validation Dice per structure at epoch {epoch + 1} (inference "
+                          f"mode), mean {float(logs.get('val_dice', np.nan)):.3f}.")
