@@ -301,3 +301,31 @@ def test_recalibration_on_the_jax_backend(tmp_path):
     result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
                             text=True, timeout=300)
     assert result.returncode == 0 and "ok" in result.stdout, result.stderr[-3000:]
+
+
+def test_batch_average_statistics_against_numpy():
+    """One BatchNorm on the input: "population" pools every voxel, "batch_average" averages
+    the per-batch means and variances (what batch-1 patch training normalised with)."""
+    import keras
+
+    from tf_explog.batchnorm import recalibrate_batchnorm
+
+    rng = np.random.default_rng(0)
+    batches = [rng.normal(loc, scale, size=(1, 4, 4, 4, 2)).astype("float32")
+               for loc, scale in ((0.0, 1.0), (5.0, 2.0), (-3.0, 0.5))]
+    inputs = keras.Input((4, 4, 4, 2))
+    model = keras.Model(inputs, keras.layers.BatchNormalization()(inputs))
+    stacked = np.concatenate([b.reshape(-1, 2) for b in batches]).astype(np.float64)
+    per_mean = np.array([b.reshape(-1, 2).astype(np.float64).mean(0) for b in batches])
+    per_var = np.array([b.reshape(-1, 2).astype(np.float64).var(0) for b in batches])
+    bn = model.layers[-1]
+    recalibrate_batchnorm(model, batches)
+    np.testing.assert_allclose(bn.moving_mean.numpy(), stacked.mean(0), rtol=1e-5)
+    np.testing.assert_allclose(bn.moving_variance.numpy(), stacked.var(0), rtol=1e-5)
+    recalibrate_batchnorm(model, batches, statistics="batch_average")
+    np.testing.assert_allclose(bn.moving_mean.numpy(), per_mean.mean(0), rtol=1e-5)
+    np.testing.assert_allclose(bn.moving_variance.numpy(), per_var.mean(0), rtol=1e-5)
+    # the two differ by the spread of the batch means (here large)
+    assert np.all(stacked.var(0) > per_var.mean(0) + 1.0)
+    with pytest.raises(ValueError, match="statistics"):
+        recalibrate_batchnorm(model, batches, statistics="median")

@@ -175,3 +175,25 @@ def test_sliding_window_validation_equals_predict_on_the_same_volumes(tmp_path):
     dice = (2 * tp / np.maximum(pred_sum + true_sum, 1))[1:]
     assert dice[0] > 0.1  # a model that segments something: the comparison means something
     assert val_dice == pytest.approx(float(dice[present].mean()), abs=1e-6)
+
+
+def test_recalibration_patches_look_like_training_patches(tmp_path):
+    """Patch-trained models are recalibrated on patches drawn as in training (seeded, the
+    same every call), not on tiles of the volume."""
+    from tf_explog.data.core import SplitVolumes, clean_patches
+
+    shape, voxel = (64, 16, 16), (5, 7, 9)
+    labels = np.zeros(shape, np.uint8)
+    labels[voxel] = 1
+    image = labels.astype(np.float32) + 1.0
+    save_array(image, np.eye(4), tmp_path / "img.nii.gz")
+    save_array(labels, np.eye(4), tmp_path / "lab.nii.gz")
+    cache = VolumeCache(tmp_path / "cache", Preprocessor(normalization=None))
+    volumes = SplitVolumes([(tmp_path / "img.nii.gz", tmp_path / "lab.nii.gz")], cache)
+    batches = clean_patches(volumes, (8, 8, 8), oversample=1.0, per_case=5, seed=1)
+    first, second = list(batches()), list(batches())
+    assert len(first) == 5 and all(p.shape == (1, 8, 8, 8, 1) for p in first)
+    for a, b in zip(first, second):
+        np.testing.assert_array_equal(a, b)
+    # oversample=1: every patch is centred on the only structure, so it contains its voxel
+    assert all((p == 2.0).any() for p in first)

@@ -72,16 +72,24 @@ def batchnorm_layers(model: keras.layers.Layer, trainable_only: bool = True) -> 
 
 
 class _Moments:
-    """Running count, mean and sum of squared deviations per channel (float64)."""
+    """Running count, mean and sum of squared deviations per channel (float64), and the
+    running sums of the per-batch means and variances."""
 
     def __init__(self) -> None:
         self.n = 0
+        self.batches = 0
         self.mean: Optional[np.ndarray] = None
         self.m2: Optional[np.ndarray] = None
+        self.batch_mean_sum: Optional[np.ndarray] = None
+        self.batch_var_sum: Optional[np.ndarray] = None
 
     def add(self, n: int, mean: np.ndarray, var: np.ndarray) -> None:
         mean = np.asarray(mean, np.float64)
-        m2 = np.asarray(var, np.float64) * n
+        var = np.asarray(var, np.float64)
+        self.batches += 1
+        self.batch_mean_sum = mean if self.batch_mean_sum is None else self.batch_mean_sum + mean
+        self.batch_var_sum = var if self.batch_var_sum is None else self.batch_var_sum + var
+        m2 = var * n
         if self.n == 0:
             self.n, self.mean, self.m2 = n, mean, m2
             return
@@ -95,6 +103,13 @@ class _Moments:
     @property
     def variance(self) -> np.ndarray:
         return self.m2 / max(self.n, 1)
+
+    def estimate(self, statistics: str) -> tuple:
+        """``(mean, variance)``: pooled over every voxel ("population"), or the averages of
+        the per-batch means and variances ("batch_average")."""
+        if statistics == "population":
+            return self.mean, self.variance
+        return self.batch_mean_sum / self.batches, self.batch_var_sum / self.batches
 
 
 def _reduction_axes(layer, rank: int) -> list:
@@ -259,6 +274,7 @@ def recalibrate_batchnorm(
     *,
     passes: int = 1,
     max_batches: Optional[int] = None,
+    statistics: str = "population",
 ) -> RecalibrationReport:
     """Set every trainable BatchNormalization's moving statistics to population statistics.
 
@@ -277,6 +293,12 @@ def recalibrate_batchnorm(
         passes: forward passes (≥ 1): 1 normalises with batch statistics during collection,
             each further pass refines with the previous pass's statistics.
         max_batches: stop each pass after this many batches.
+        statistics: "population" — mean and variance pooled over every voxel of every batch
+            (right when each training batch was a whole volume: the pooled statistics are
+            what a training batch saw); "batch_average" — the average of the per-batch means
+            and variances (for batch-1 patch training: each patch was normalised by its own
+            statistics, whose variance leaves out the spread of the patch means, so the
+            pooled variance is too large for every patch).
 
     Returns:
         A :class:`RecalibrationReport`.
@@ -285,6 +307,9 @@ def recalibrate_batchnorm(
         ValueError: ``passes`` or ``max_batches`` below 1, no batches, or non-finite
             statistics (the model produces NaN/Inf on these batches).
     """
+    if statistics not in ("population", "batch_average"):
+        raise InputError(f"recalibrate_batchnorm: statistics must be 'population' or "
+                         f"'batch_average', got {statistics!r}")
     if isinstance(passes, bool) or not isinstance(passes, int) or passes < 1:
         raise InputError(f"recalibrate_batchnorm: passes must be an integer >= 1, got {passes!r}")
     if max_batches is not None and (isinstance(max_batches, bool)
@@ -314,7 +339,7 @@ def recalibrate_batchnorm(
         for layer, m in zip(layers, moments):
             if m.n == 0:  # not on the path of the model's outputs
                 continue
-            mean, variance = m.mean, m.variance
+            mean, variance = m.estimate(statistics)
             if not (np.all(np.isfinite(mean)) and np.all(np.isfinite(variance))):
                 raise InputError(
                     f"recalibrate_batchnorm: layer {layer.path!r} received non-finite "
@@ -336,12 +361,13 @@ class BatchNormRecalibration(keras.callbacks.Callback):
     Args:
         batches: clean batches, see :func:`recalibrate_batchnorm` (re-iterable).
         every: recalibrate every this many epochs (and always at the end of training).
-        passes, max_batches: see :func:`recalibrate_batchnorm`.
+        passes, max_batches, statistics: see :func:`recalibrate_batchnorm`.
         verbose: print one line per recalibration.
     """
 
     def __init__(self, batches: Batches, every: int = 1, passes: int = 1,
-                 max_batches: Optional[int] = None, verbose: bool = False) -> None:
+                 max_batches: Optional[int] = None, verbose: bool = False,
+                 statistics: str = "population") -> None:
         super().__init__()
         if isinstance(every, bool) or not isinstance(every, int) or every < 1:
             raise InputError(f"BatchNormRecalibration: every must be an integer >= 1, "
@@ -349,6 +375,7 @@ class BatchNormRecalibration(keras.callbacks.Callback):
         self.batches = batches
         self.every = every
         self.passes = passes
+        self.statistics = statistics
         self.max_batches = max_batches
         self.verbose = verbose
         self.reports: list = []
@@ -356,7 +383,8 @@ class BatchNormRecalibration(keras.callbacks.Callback):
 
     def _run(self) -> None:
         report = recalibrate_batchnorm(self.model, self.batches, passes=self.passes,
-                                       max_batches=self.max_batches)
+                                       max_batches=self.max_batches,
+                                       statistics=self.statistics)
         self._stale = False
         self.reports.append(report)
         if self.verbose:

@@ -186,6 +186,18 @@ def patch_window(config: Config):
     return tuple(config.data.patch_size) if config.data.mode == "patch" else None
 
 
+def recalibration_batches(config: Config, train_volumes):
+    """Clean batches for BatchNorm recalibration, like the training batches: whole training
+    volumes (volume mode), or training-like patches without augmentation (patch mode, see
+    `tf_explog.data.core.clean_patches`)."""
+    from tf_explog.data.core import clean_batches, clean_patches
+
+    window = patch_window(config)
+    if window is None:
+        return clean_batches(train_volumes)
+    return clean_patches(train_volumes, window, config.data.oversample, seed=config.seed)
+
+
 def inference_callbacks(config: Config, train_volumes, val_volumes, label_names,
                         class_weights, eager_validation: bool = False) -> list:
     """The callbacks that make a run judge the model as users run it, in their order.
@@ -197,14 +209,13 @@ def inference_callbacks(config: Config, train_volumes, val_volumes, label_names,
     """
     from tf_explog.batchnorm import BatchNormRecalibration
     from tf_explog.callbacks import EpochTimer, InferenceValidation, NonFiniteGuard
-    from tf_explog.data.core import clean_batches
 
     t = config.train
     window = patch_window(config)
     callbacks = [NonFiniteGuard(), EpochTimer()]
     if t.bn_recalibration:
         callbacks.append(BatchNormRecalibration(
-            clean_batches(train_volumes, window), every=t.validation_every,
+            recalibration_batches(config, train_volumes), every=t.validation_every,
             passes=t.bn_recalibration_passes))
     if val_volumes is not None:
         callbacks.append(InferenceValidation(

@@ -27,7 +27,6 @@ from tf_explog.batchnorm import recalibrate_batchnorm
 from tf_explog.console import epoch_line
 from tf_explog.callbacks import (NonFiniteGuard, eager_predict, read_metrics_csv,
                                  validate_volumes, write_metrics_csv)
-from tf_explog.data.core import clean_batches
 from tf_explog.errors import InputError, NonFiniteError
 from tf_explog.metrics import _log_key
 from tf_explog.runs import Run
@@ -43,7 +42,8 @@ def _is_chief(resolver) -> bool:
 def train_multi_worker(config, run: Run, setup, fresh: bool = True) -> dict:
     """Trains ``config`` in ``run`` with the custom loop (``setup``: its
     `tf_explog.builders.TrainingSetup`); returns the history."""
-    from tf_explog.builders import make_loss, make_optimizer, monitor_name, term_metrics
+    from tf_explog.builders import (make_loss, make_optimizer, monitor_name,
+                                    recalibration_batches, term_metrics)
 
     strategy = tf.distribute.MultiWorkerMirroredStrategy()
     chief = _is_chief(strategy.cluster_resolver)
@@ -61,7 +61,7 @@ def train_multi_worker(config, run: Run, setup, fresh: bool = True) -> dict:
     config.train.steps_per_epoch = steps
     train_ds = setup.tf_dataset(global_batch)
     val_volumes = setup.volumes("validation")
-    recalibration = clean_batches(setup.volumes("training"), setup.window)
+    recalibration = recalibration_batches(config, setup.volumes("training"))
     if config.model.aux_outputs:
         raise InputError("train.strategy=multi_worker supports model.aux_outputs=0 only.")
 

