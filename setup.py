@@ -44,8 +44,11 @@ setup(
             "nbclient",
             "nbformat",
             "ipykernel",
+            # The gRPC client (tf_explog.serving) is tested against an in-process server.
+            "tensorflow-serving-api",
         ],
         "jax": ["jax"],
+        "serving": ["tensorflow-serving-api"],
     },
     entry_points={"console_scripts": ["tf-explog=tf_explog.cli:main"]},
 )

@@ -267,9 +267,12 @@ def test_saved_model_cli_show(exported):
     assert "outputs['labels']" in block and "DT_INT32" in block
     assert "outputs['probabilities']" in block and "shape: (-1, -1, -1, -1, 3)" in block
     signatures = [line for line in text.splitlines() if line.startswith("signature_def[")]
-    assert [s for s in signatures if "__saved_model_init_op" not in s] == [
-        "signature_def['serving_default']:"
+    assert sorted(s for s in signatures if "__saved_model_init_op" not in s) == [
+        "signature_def['labels']:", "signature_def['serving_default']:"
     ]
+    labels_block = text[text.index("signature_def['labels']"):]
+    labels_block = labels_block[:labels_block.index("Method name")]
+    assert "outputs['labels']" in labels_block and "probabilities" not in labels_block
 
 
 def test_saved_model_cli_run(exported, tmp_path):
