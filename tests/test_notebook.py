@@ -25,4 +25,6 @@ def test_quickstart_notebook_executes_and_segments(tmp_path, monkeypatch):
     assert test > 0.15, outputs
     figures = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])
                if "image/png" in o.get("data", {})]
-    assert len(figures) >= 4  # loss terms, curves, Dice by structure, overlays
+    assert len(figures) >= 5  # loss terms, curves, Dice by structure, overlays, comparison
+    linear = float(re.search(r"linear Dice test mean Dice: ([0-9.]+)", outputs).group(1))
+    assert 0.0 <= linear <= 1.0
