@@ -30,7 +30,7 @@ from tf_explog.callbacks import (NonFiniteGuard, eager_predict, read_metrics_csv
 from tf_explog.errors import InputError, NonFiniteError
 from tf_explog.metrics import _log_key
 from tf_explog.runs import Run
-from tf_explog.summaries import scalar_tags
+from tf_explog.summaries import EventWriter, scalar_tags
 
 
 def _is_chief(resolver) -> bool:
@@ -98,7 +98,7 @@ def train_multi_worker(config, run: Run, setup, fresh: bool = True) -> dict:
         return [strategy.reduce(tf.distribute.ReduceOp.SUM, v, axis=None)
                 for v in per_replica]
 
-    writer = tf.summary.create_file_writer(str(work.tensorboard_dir))
+    writer = EventWriter(work.tensorboard_dir)
     structure_keys = [_log_key(n) for n in label_names[1:]]
     csv_path = work.metrics_csv
     best_path = work.best_checkpoint
@@ -144,9 +144,9 @@ def train_multi_worker(config, run: Run, setup, fresh: bool = True) -> dict:
                          zip(label_names[1:], result["dice_per_label"][1:])})
             logs["val_loss"] = result["loss"]
 
-        with writer.as_default():  # the same grouped tags as the fit path
-            for tag, value in scalar_tags(logs, structure_keys).items():
-                tf.summary.scalar(tag, value, step=epoch)
+        for tag, value in scalar_tags(logs, structure_keys).items():  # as the fit path
+            writer.scalar(tag, value, epoch)
+        writer.flush()
         epoch_var.assign(epoch + 1)
         manager.save()  # every worker must take part; non-chiefs write to a temp dir
         monitor = logs.get(monitor_name(config))

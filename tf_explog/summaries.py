@@ -18,21 +18,22 @@ At the start of training the run's settings are written as HParams (loss, γ, le
 schedule, geometry, patch size, auxiliary heads, epochs), so ``tensorboard --logdir`` over
 the runs of a ``reproduce`` comparison shows its arms side by side in the HParams tab.
 
-TensorFlow (``tf.summary``) and TensorBoard's HParams plugin: import only where TensorFlow is.
+Written with TensorBoard's own event-file writer and protos, not ``tf.summary``: it works on
+the JAX backend with TensorFlow absent (TensorBoard is a dependency either way).
 """
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Optional, Sequence
 
 import keras
 import numpy as np
-import tensorflow as tf
 
 from tf_explog.metrics import _log_key
 
-__all__ = ["scalar_tags", "TensorBoardSummary", "hparams_of"]
+__all__ = ["scalar_tags", "TensorBoardSummary", "EventWriter", "hparams_of"]
 
 # Keras log key -> TensorBoard tag (per-structure keys are handled by prefix).
 _SCALARS = {
@@ -94,6 +95,56 @@ def hparams_of(config) -> dict:
     }
 
 
+class EventWriter:
+    """Scalars, PNG images and HParams into one TensorBoard event file (no TensorFlow)."""
+
+    def __init__(self, log_dir) -> None:
+        from tensorboard.summary.writer.event_file_writer import EventFileWriter
+
+        Path(log_dir).mkdir(parents=True, exist_ok=True)
+        self._writer = EventFileWriter(str(log_dir))
+
+    def _add(self, summary, step: int) -> None:
+        from tensorboard.compat.proto import event_pb2
+
+        self._writer.add_event(event_pb2.Event(summary=summary, step=int(step),
+                                               wall_time=time.time()))
+
+    def scalar(self, tag: str, value: float, step: int) -> None:
+        from tensorboard.compat.proto import summary_pb2
+
+        self._add(summary_pb2.Summary(value=[summary_pb2.Summary.Value(
+            tag=tag, simple_value=float(value))]), step)
+
+    def image(self, tag: str, png: bytes, step: int, description: str = "") -> None:
+        from tensorboard.compat.proto import summary_pb2
+
+        height, width = _png_size(png)
+        value = summary_pb2.Summary.Value(
+            tag=tag, image=summary_pb2.Summary.Image(
+                height=height, width=width, colorspace=4, encoded_image_string=png),
+            metadata=summary_pb2.SummaryMetadata(summary_description=description))
+        self._add(summary_pb2.Summary(value=[value]), step)
+
+    def hparams(self, values: dict, trial_id: str) -> None:
+        from tensorboard.plugins.hparams import summary_v2 as hp
+
+        self._add(hp.hparams_pb(values, trial_id=trial_id), 0)
+
+    def flush(self) -> None:
+        self._writer.flush()
+
+    def close(self) -> None:
+        self._writer.close()
+
+
+def _png_size(png: bytes) -> tuple:
+    """``(height, width)`` from a PNG's IHDR chunk."""
+    width = int.from_bytes(png[16:20], "big")
+    height = int.from_bytes(png[20:24], "big")
+    return height, width
+
+
 class TensorBoardSummary(keras.callbacks.Callback):
     """Writes the run's TensorBoard: grouped scalars each epoch, images every ``every``
     epochs, HParams once. Place it after the callbacks that add validation to the logs.
@@ -114,15 +165,12 @@ class TensorBoardSummary(keras.callbacks.Callback):
         self.label_names = list(label_names)
         self.keys = [_log_key(n) for n in self.label_names[1:]]
         self.sample, self.every, self.hparams, self.window = sample, every, hparams, window
-        self.writer = None
+        self.writer: Optional[EventWriter] = None
 
     def on_train_begin(self, logs=None):
-        self.writer = tf.summary.create_file_writer(str(self.log_dir))
+        self.writer = EventWriter(self.log_dir)
         if self.hparams:
-            from tensorboard.plugins.hparams import api as hp
-
-            with self.writer.as_default():
-                hp.hparams(self.hparams, trial_id=self.log_dir.parent.name)
+            self.writer.hparams(self.hparams, trial_id=self.log_dir.parent.name)
 
     def on_epoch_end(self, epoch, logs=None):
         logs = dict(logs or {})
@@ -132,41 +180,35 @@ class TensorBoardSummary(keras.callbacks.Callback):
                     self.model.optimizer.learning_rate))
             except (AttributeError, TypeError, ValueError):
                 pass
-        with self.writer.as_default():
-            for tag, value in scalar_tags(logs, self.keys).items():
-                tf.summary.scalar(tag, value, step=epoch)
-            if self.every and (epoch + 1) % self.every == 0:
-                self._images(epoch, logs)
+        for tag, value in scalar_tags(logs, self.keys).items():
+            self.writer.scalar(tag, value, epoch)
+        if self.every and (epoch + 1) % self.every == 0:
+            self._images(epoch, logs)
         self.writer.flush()
 
     def on_train_end(self, logs=None):
         if self.writer is not None:
-            self.writer.flush()
+            self.writer.close()
 
     def _images(self, epoch: int, logs: dict) -> None:
         from tf_explog.plots import dice_by_structure_figure, figure_png, overlay_figure
-
-        def image_summary(tag, fig, description):
-            png = figure_png(fig)
-            tf.summary.image(tag, tf.image.decode_png(png)[None], step=epoch,
-                             description=description)
 
         if self.sample is not None:
             from tf_explog.inference import predict_volume
 
             image, labels = self.sample
-            probs = predict_volume(self.model, image, window=self.window)
-            pred = probs.argmax(-1)
+            pred = predict_volume(self.model, image, window=self.window).argmax(-1)
             fig = overlay_figure(image, labels, pred, self.label_names,
                                  title=f"epoch {epoch + 1}: middle slices")
-            image_summary("overlays/middle_slices", fig,
-                          f"Epoch {epoch + 1}, first validation volume, inference mode: "
-                          "image | ground truth | prediction along each axis; colours as "
-                          "in the legend.")
+            self.writer.image(
+                "overlays/middle_slices", figure_png(fig), epoch,
+                f"Epoch {epoch + 1}, first validation volume, inference mode: image | ground "
+                "truth | prediction along each axis; colours as in the legend.")
         values = [logs.get(f"val_dice_{k}") for k in self.keys]
         if all(v is not None for v in values):
             fig = dice_by_structure_figure(self.label_names[1:], [float(v) for v in values],
                                            None, title=f"validation Dice, epoch {epoch + 1}")
-            image_summary("dice_by_structure/chart", fig,
-                          f"Validation Dice per structure at epoch {epoch + 1} (inference "
-                          f"mode), mean {float(logs.get('val_dice', np.nan)):.3f}.")
+            self.writer.image(
+                "dice_by_structure/chart", figure_png(fig), epoch,
+                f"Validation Dice per structure at epoch {epoch + 1} (inference mode), mean "
+                f"{float(logs.get('val_dice', np.nan)):.3f}.")
