@@ -127,7 +127,7 @@ def main(argv=None) -> dict:
                "val_dice_curve": summary["history"].get("val_dice"),
                "loss_curve": summary["history"].get("loss"), "evaluations": []}
     for checkpoint in ("final.keras", "best.keras"):
-        model = load_keras_model(out / checkpoint)
+        model = load_keras_model(out / "checkpoints" / checkpoint)
         for mode in ("as_saved", "batch_stats", "recalibrated"):
             if mode == "recalibrated":
                 recalibrate_batchnorm(model, clean_batches(training))

@@ -44,15 +44,12 @@ def main(argv=None) -> dict:
     p.add_argument("--out", required=True)
     p.add_argument("--workers", type=int, default=4)
     p.add_argument("--checkpoint", default="best.keras")
-    p.add_argument("--skip-data-check", action="store_true", help="see bench/train_jax.py")
     args = p.parse_args(argv)
 
     out = Path(args.out)
     argv_train = ["--config", args.config, "--out", str(out), "--workers", str(args.workers)]
     for item in args.overrides:
         argv_train += ["--set", item]
-    if args.skip_data_check:
-        argv_train.append("--skip-data-check")
     start = time.perf_counter()
     summary = train_jax.main(argv_train)
     train_seconds = time.perf_counter() - start
@@ -64,7 +61,7 @@ def main(argv=None) -> dict:
     from tf_explog.inference import load_keras_model, predict_volume
 
     setup = TrainingSetup.from_config(load_config(args.config, args.overrides), validate=False)
-    model = load_keras_model(out / args.checkpoint)
+    model = load_keras_model(out / "checkpoints" / args.checkpoint)
     names, k = setup.label_names, setup.num_classes
     dice, counts, seconds = [], np.zeros(k), []
     for entry in setup.manifest.entries("test"):

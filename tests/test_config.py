@@ -84,6 +84,9 @@ def test_dump_round_trips():
     (["loss.params={colour: 1}"], "loss.params"),
     (["data.preprocess.normalization=minmax"], "data.preprocess.normalization"),
     (["data.dataset=''"], "data.dataset"),
+    (["train.time_budget_s=0"], "train.time_budget_s"),
+    (["train.time_budget_s=soon"], "train.time_budget_s"),
+    (["train.data_workers=0"], "train.data_workers"),
 ])
 def test_errors_name_the_key(overrides, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.").replace("[", r"\[")):

@@ -335,3 +335,42 @@ def test_multi_worker_two_local_processes(dataset, tmp_path):
     assert (chief / "checkpoints" / "best.keras").is_file()
     assert (chief / "metrics.csv").is_file()
     assert list((chief / "tensorboard").rglob("events.out.tfevents.*"))
+
+
+class _FakeModel:
+    stop_training = False
+
+
+@pytest.mark.parametrize("epoch_seconds, budget, expected_epochs", [
+    ([10, 10, 10, 10, 10], 35, 3),  # after 3: 30 s spent + 10 s longest = 40 > 35
+    ([10, 10, 10, 10, 10], 50, 5),  # exactly on budget: every epoch fits
+    ([5, 20, 5, 5, 5], 40, 2),      # the longest epoch so far (20 s) is the estimate
+    ([100], 1, 1),                  # at least one epoch always runs
+])
+def test_time_budget_stops_when_the_next_epoch_would_not_fit(epoch_seconds, budget,
+                                                            expected_epochs):
+    from tf_explog.callbacks import TimeBudget
+
+    now = [0.0]
+    cb = TimeBudget(budget, clock=lambda: now[0])
+    cb.set_model(_FakeModel())
+    cb.set_params({"epochs": len(epoch_seconds)})
+    cb.on_train_begin()
+    ran = 0
+    for epoch, seconds in enumerate(epoch_seconds):
+        now[0] += seconds
+        cb.on_epoch_end(epoch)
+        ran += 1
+        if cb.model.stop_training:
+            break
+    assert ran == expected_epochs == cb.epochs_trained
+    assert cb.stopped_by_budget == (expected_epochs < len(epoch_seconds))
+
+
+def test_time_budget_ends_a_run_early_as_a_finished_run(dataset, tmp_path, capsys):
+    result = training.train(small_config(dataset, tmp_path, "train.epochs=50",
+                                         "train.time_budget_s=0.001"))
+    rows = list(csv.DictReader((result.run_dir / "metrics.csv").open()))
+    assert len(rows) == 1  # the first epoch alone is over budget
+    assert result.best_checkpoint.is_file() and result.final_model.is_file()
+    assert "stopped after epoch 1 of 50" in capsys.readouterr().out

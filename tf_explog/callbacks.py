@@ -426,3 +426,32 @@ class EpochTimer(keras.callbacks.Callback):
     def on_epoch_end(self, epoch, logs=None):
         if logs is not None:
             logs["epoch_seconds"] = time.perf_counter() - self._start
+
+
+class TimeBudget(keras.callbacks.Callback):
+    """Stops training when the next epoch would end past ``seconds`` (``train.time_budget_s``).
+
+    Counted from the start of ``fit`` in this process, per epoch end to end (validation and
+    checkpointing included when this callback comes last): after each epoch, training stops
+    if the time spent plus the longest epoch so far exceeds the budget. At least one epoch
+    always runs. ``epochs_trained`` and ``stopped_by_budget`` say what happened.
+    """
+
+    def __init__(self, seconds: float, clock: Callable[[], float] = time.perf_counter) -> None:
+        super().__init__()
+        self.seconds, self.clock = float(seconds), clock
+        self.epochs_trained, self.stopped_by_budget = 0, False
+
+    def on_train_begin(self, logs=None):
+        self._start = self._last = self.clock()
+        self._longest = 0.0
+
+    def on_epoch_end(self, epoch, logs=None):
+        now = self.clock()
+        self._longest = max(self._longest, now - self._last)
+        self._last = now
+        self.epochs_trained = epoch + 1
+        last = self.epochs_trained >= int((self.params or {}).get("epochs") or 0)
+        if not last and now - self._start + self._longest > self.seconds:
+            self.stopped_by_budget = True
+            self.model.stop_training = True

@@ -80,7 +80,25 @@ def cmd_evaluate(args) -> int:
     return 0
 
 
+def require_tensorflow_backend(what: str) -> None:
+    """One clear line when a command needs TensorFlow (SavedModel) on another backend."""
+    import keras
+
+    from tf_explog.errors import InputError
+
+    if keras.backend.backend() != "tensorflow":
+        raise InputError(f"{what} needs TensorFlow (a SavedModel for TF Serving); the Keras "
+                         f"backend here is {keras.backend.backend()}. The run's .keras "
+                         "checkpoints are backend-neutral: export them where TensorFlow is "
+                         "installed, with KERAS_BACKEND=tensorflow.")
+    try:
+        import tensorflow  # noqa: F401
+    except ImportError as err:
+        raise InputError(f"{what} needs TensorFlow, which does not import here ({err}).")
+
+
 def cmd_export(args) -> int:
+    require_tensorflow_backend("tf-explog export")
     from tf_explog.export import export_saved_model
 
     path = export_saved_model(args.run, args.base, args.name, version=args.version)

@@ -84,6 +84,14 @@ class _Results:
         return [self.results[arm][s]["evaluation"][key] for s in sorted(self.results[arm])]
 
 
+def _epochs(summaries) -> str:
+    """Epochs trained, one number or min-max over splits."""
+    counts = [int(s.get("epochs", len(s.get("history", {}).get("epoch", []))))
+              for s in summaries]
+    low, high = min(counts, default=0), max(counts, default=0)
+    return str(low) if low == high else f"{low}–{high}"
+
+
 def write_report(out: Path, rc, results: dict, failures: dict, label_names,
                  splits: list, forward_seconds: Optional[float] = None,
                  machine: str = "") -> Path:
@@ -143,8 +151,8 @@ def write_report(out: Path, rc, results: dict, failures: dict, label_names,
               f"({len(res.structures) + 1} labels, the paper's convention): mean ± SD over "
               "the splits' means. Size groups are terciles of the structures' mean size.", "",
               "| arm | mean Dice | with background | smallest third | small / medium / large "
-              f"| HD95 (mm) | p vs {ref} | s / epoch | s / 128³ end-to-end |",
-              "|---|---|---|---|---|---|---|---|---|"]
+              f"| HD95 (mm) | p vs {ref} | epochs | s / epoch | s / 128³ end-to-end |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
     for a in arms:
         dice_splits = res.per_split(a, "dice_mean")
         bg_splits = res.per_split(a, "dice_mean_with_background")
@@ -168,12 +176,13 @@ def write_report(out: Path, rc, results: dict, failures: dict, label_names,
         epoch = float(np.median([s["epoch_seconds"] for s in results[a].values()]))
         e2e = float(np.median([s["inference_seconds_per_128cube"] for s in results[a].values()]))
         lines.append(f"| {a} | {_pm(*mean_sd(dice_splits))} | {_pm(*mean_sd(bg_splits))} | "
-                     f"{_fmt(small)} | {groups} | {_fmt(hd, 2)} | {p_text} | {epoch:.1f} | "
-                     f"{e2e:.2f} |")
+                     f"{_fmt(small)} | {groups} | {_fmt(hd, 2)} | {p_text} | "
+                     f"{_epochs(results[a].values())} | {epoch:.1f} | {e2e:.2f} |")
     lines += ["", "p: two-sided Wilcoxon signed-rank test over paired (split, subject, "
               "structure) Dice values against the reference arm. Smallest third: the "
               f"{len(res.smallest)} structures with the smallest mean voxel fraction. "
-              "*s / epoch*: training steps only (median); *s / 128³ end-to-end*: "
+              "*epochs*: epochs trained per split (fewer than configured when "
+              "`train.time_budget_s` stopped the arm); *s / epoch*: training steps only (median); *s / 128³ end-to-end*: "
               "`tf-explog predict` on the test files (reading, preprocessing, the network, "
               "writing) per 128³ voxels."]
     if forward_seconds is not None:

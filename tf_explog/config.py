@@ -166,6 +166,12 @@ class TrainConfig:
     bn_recalibration_passes: int = 1  # 1: batch statistics while collecting; more: refine
     validation_every: int = 1  # epochs between inference-mode validations
     validation_tta: bool = False  # flip test-time augmentation in validation
+    # Stop after the epoch that would otherwise end past this many seconds of training
+    # (the run stays a normal, finished one; DONE.json records the epochs it got).
+    time_budget_s: Optional[float] = None
+    # JAX backend: threads preparing batches (keras.utils.PyDataset) while the step runs;
+    # TensorFlow uses tf.data's own parallelism.
+    data_workers: int = 2
     verbose: int = 1
 
     def validate(self, key):
@@ -184,6 +190,9 @@ class TrainConfig:
         _range(f"{key}.image_summary_every", self.image_summary_every, 0, 10**6)
         _range(f"{key}.bn_recalibration_passes", self.bn_recalibration_passes, 1, 100)
         _range(f"{key}.validation_every", self.validation_every, 1, 10**6)
+        if self.time_budget_s is not None:
+            _range(f"{key}.time_budget_s", self.time_budget_s, 1e-3, 1e9)
+        _range(f"{key}.data_workers", self.data_workers, 1, 256)
         _choice(f"{key}.verbose", self.verbose, (0, 1, 2))
 
 

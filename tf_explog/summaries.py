@@ -168,11 +168,20 @@ class TensorBoardSummary(keras.callbacks.Callback):
         self.writer: Optional[EventWriter] = None
 
     def on_train_begin(self, logs=None):
-        self.writer = EventWriter(self.log_dir)
+        try:
+            self.writer = EventWriter(self.log_dir)
+        except ImportError:
+            # tensorboard is a dependency of the package, but a bare accelerator machine
+            # (JAX, no TensorFlow) may lack it: training goes on, metrics.csv has it all.
+            print("[tf_explog] TensorBoard logs off: the tensorboard package is not "
+                  "installed (metrics.csv still has every epoch)", flush=True)
+            return
         if self.hparams:
             self.writer.hparams(self.hparams, trial_id=self.log_dir.parent.name)
 
     def on_epoch_end(self, epoch, logs=None):
+        if self.writer is None:
+            return
         logs = dict(logs or {})
         if "learning_rate" not in logs and self.model is not None:
             try:
