@@ -310,7 +310,9 @@ def test_served_outputs_match_keras(exported, tf_only, key):
     assert labels.shape == image.shape[:4] and labels.dtype == np.int32
     assert probs.shape == (*image.shape[:4], 3) and probs.dtype == np.float32
     expected = keras_reference(exported["model"], image, "zscore_nonzero", CLIP)
-    np.testing.assert_allclose(probs, expected, atol=1e-5, rtol=0)
+    # The served graph has BatchNorm folded into the convolutions (tf_explog.folding):
+    # float32 rounding moves probabilities by up to ~2e-5 against the unfolded model.
+    np.testing.assert_allclose(probs, expected, atol=5e-5, rtol=0)
     assert_labels_match(labels, expected, LABEL_VALUES)
     # Every class is predicted somewhere (the comparison is not vacuous).
     assert set(np.unique(labels)) == {0, 10, 20}

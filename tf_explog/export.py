@@ -450,8 +450,11 @@ def _load_model(path: Path) -> keras.Model:
     """The inference loader (custom objects registered), its errors as `ExportError`."""
     from tf_explog.inference import InferenceError, ModelNotFoundError, load_keras_model
 
+    from tf_explog.folding import fold_batchnorm
+
     try:
-        return load_keras_model(path)
+        # Served with BatchNorm folded into the convolutions (same outputs, less work).
+        return fold_batchnorm(load_keras_model(path))
     except ModelNotFoundError:
         raise
     except InferenceError as err:

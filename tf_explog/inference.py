@@ -446,9 +446,12 @@ def load_predictor(model: Union[PathLike, keras.Model]) -> Predictor:
         raise ModelNotFoundError(
             f"{path}: not found; expected a run directory (with run.json) or a .keras model file"
         )
+    from tf_explog.folding import fold_batchnorm
+
+    # BatchNorm folded into the convolutions: the same outputs, fewer operations per volume.
     if not path.is_dir():
-        return Predictor(load_keras_model(path), Preprocessor(normalization="zscore"), None, None,
-                         str(path))
+        return Predictor(fold_batchnorm(load_keras_model(path)),
+                         Preprocessor(normalization="zscore"), None, None, str(path))
 
     from tf_explog.runs import Run
 
@@ -463,7 +466,7 @@ def load_predictor(model: Union[PathLike, keras.Model]) -> Predictor:
             f"{path / 'run.json'}: num_channels={expected} but {checkpoint} expects "
             f"{channels} channel(s)"
         )
-    return Predictor(keras_model, preprocessor, label_names, window, str(path))
+    return Predictor(fold_batchnorm(keras_model), preprocessor, label_names, window, str(path))
 
 
 # --------------------------------------------------------------------------------------------

@@ -48,6 +48,11 @@ class Block(layers.Layer):
         kernel_initializer: initializer of every conv kernel (not given by the paper).
         bn_momentum: BatchNormalization moving-average momentum (not given by the paper).
         bn_epsilon: BatchNormalization epsilon.
+        folded: inference form without BatchNorm layers: every ``Conv3D → BN`` pair is one
+            ``Conv3D`` with bias whose kernel and bias absorb the BN's population statistics
+            (:func:`tf_explog.folding.fold_batchnorm` builds it from a trained model; the
+            same outputs in inference mode, fewer operations). Not the paper's trainable
+            network.
         **kwargs: standard Layer arguments (``name``, ``dtype``, ...).
 
     Input: ``[B, D, H, W, C]``. Output: ``[B, D, H, W, filters]``.
@@ -62,6 +67,7 @@ class Block(layers.Layer):
         kernel_initializer: Any = "glorot_uniform",
         bn_momentum: float = 0.99,
         bn_epsilon: float = 1e-3,
+        folded: bool = False,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -76,12 +82,13 @@ class Block(layers.Layer):
         self.kernel_initializer = keras.initializers.get(kernel_initializer)
         self.bn_momentum = float(bn_momentum)
         self.bn_epsilon = float(bn_epsilon)
+        self.folded = bool(folded)
 
         # Sublayers take the block's dtype policy, so an explicit dtype= reaches them too.
         common = dict(dtype=self.dtype_policy)
         conv = dict(
             padding="same",
-            use_bias=self.use_bias,
+            use_bias=self.use_bias or self.folded,  # a folded BN's shift becomes the bias
             kernel_initializer=self.kernel_initializer,
             **common,
         )
@@ -91,10 +98,12 @@ class Block(layers.Layer):
             for i in range(self.depth)
         ]
         self.norms = [
-            layers.BatchNormalization(name=f"bn_{i + 1}", **norm) for i in range(self.depth)
+            None if self.folded else layers.BatchNormalization(name=f"bn_{i + 1}", **norm)
+            for i in range(self.depth)
         ]
         self.shortcut_conv = layers.Conv3D(self.filters, 1, name="shortcut_conv", **conv)
-        self.shortcut_norm = layers.BatchNormalization(name="shortcut_bn", **norm)
+        self.shortcut_norm = (None if self.folded
+                              else layers.BatchNormalization(name="shortcut_bn", **norm))
 
     def build(self, input_shape: tuple) -> None:
         """Create the sublayers' weights for an input of shape ``[B, D, H, W, C]``."""
@@ -107,16 +116,22 @@ class Block(layers.Layer):
         for conv, norm in zip(self.convs, self.norms):
             conv.build(shape)
             shape = conv.compute_output_shape(shape)
-            norm.build(shape)
+            if norm is not None:
+                norm.build(shape)
         self.shortcut_conv.build(tuple(input_shape))
-        self.shortcut_norm.build(self.shortcut_conv.compute_output_shape(tuple(input_shape)))
+        if self.shortcut_norm is not None:
+            self.shortcut_norm.build(
+                self.shortcut_conv.compute_output_shape(tuple(input_shape)))
 
     def call(self, inputs, training=None):
         x = inputs
         for conv, norm in zip(self.convs, self.norms):
-            x = ops.relu(norm(conv(x), training=training))
-        shortcut = ops.relu(self.shortcut_norm(self.shortcut_conv(inputs), training=training))
-        return ops.add(x, shortcut)
+            x = conv(x)
+            x = ops.relu(x if norm is None else norm(x, training=training))
+        shortcut = self.shortcut_conv(inputs)
+        if self.shortcut_norm is not None:
+            shortcut = self.shortcut_norm(shortcut, training=training)
+        return ops.add(x, ops.relu(shortcut))
 
     def compute_output_shape(self, input_shape: tuple) -> tuple:
         return (*tuple(input_shape)[:-1], self.filters)
@@ -132,6 +147,8 @@ class Block(layers.Layer):
             bn_momentum=self.bn_momentum,
             bn_epsilon=self.bn_epsilon,
         )
+        if self.folded:  # absent from unfolded configs: models saved before still load
+            config["folded"] = True
         return config
 
 
