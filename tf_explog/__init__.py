@@ -52,6 +52,11 @@ _SUBMODULES = {
     "callbacks",
     "errors",
     "plots",
+    "folding",
+    "comparison",
+    "runs",
+    "summaries",
+    "serving",
 }
 
 

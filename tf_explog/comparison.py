@@ -182,7 +182,8 @@ def write_report(out: Path, rc, results: dict, failures: dict, label_names,
               "structure) Dice values against the reference arm. Smallest third: the "
               f"{len(res.smallest)} structures with the smallest mean voxel fraction. "
               "*epochs*: epochs trained per split (fewer than configured when "
-              "`train.time_budget_s` stopped the arm); *s / epoch*: training steps only (median); *s / 128³ end-to-end*: "
+              "`train.time_budget_s` stopped the arm); *s / epoch*: training steps only "
+              "(median); *s / 128³ end-to-end*: "
               "`tf-explog predict` on the test files (reading, preprocessing, the network, "
               "writing) per 128³ voxels."]
     if forward_seconds is not None:

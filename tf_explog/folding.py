@@ -8,7 +8,7 @@ channel, so the pair is one convolution (Ioffe & Szegedy 2015, Sec. 3.1; the sta
     b' = (b − μ) · s + β
 
 where μ, σ² are the BN's moving (population) statistics. Every `tf_explog.layers.Block`
-of the paper's network is ``Conv3D → BN → ReLU``, so folding removes all 2 × 17 BatchNorm
+of the paper's network is ``Conv3D → BN → ReLU``, so folding removes all 30 BatchNorm
 layers' work from a forward pass and gives the same outputs up to float rounding.
 The folded model is for inference (``predict``, export): it has no BatchNorm to train or
 recalibrate. ``keras.ops``/NumPy only.
