@@ -26,6 +26,7 @@ bench: $(STAMP)
 	$(PY) bench/pipeline.py
 	$(PY) bench/fullres.py
 	$(PY) bench/batchnorm.py
+	$(PY) bench/folding.py
 	KERAS_BACKEND=jax $(PY) bench/gpu.py
 
 clean:

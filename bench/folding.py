@@ -21,13 +21,14 @@ import os
 import platform
 import statistics
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
+
+from fullres import timed  # noqa: E402  (bench/ is on sys.path when a script runs)
 
 
 def policies_here() -> list:
@@ -38,16 +39,6 @@ def policies_here() -> list:
         if not tf.config.list_physical_devices("GPU"):
             return ["float32"]
     return ["float32", "mixed_float16", "mixed_bfloat16"]
-
-
-def timed(fn, runs: int) -> list:
-    fn()  # compile / warm up
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return times
 
 
 def main(argv=None) -> None:

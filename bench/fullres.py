@@ -35,14 +35,19 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
 
-def _median_seconds(fn, runs: int) -> float:
-    fn()  # compile / warm up
+def timed(fn, runs: int) -> list:
+    """Seconds of ``runs`` calls of ``fn`` after one untimed call (compile / warm up)."""
+    fn()
     times = []
     for _ in range(runs):
         start = time.perf_counter()
         fn()
         times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return times
+
+
+def _median_seconds(fn, runs: int) -> float:
+    return statistics.median(timed(fn, runs))
 
 
 def main(argv=None) -> None:
