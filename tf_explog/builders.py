@@ -348,7 +348,7 @@ class TrainingSetup:
     @property
     def steps_per_epoch(self) -> int:
         """Optimizer steps per epoch: ``train.steps_per_epoch``, else one pass over the
-        training split (cases × patches per case, over the batch size, rounded up)."""
+        training split (its cases over the batch size, rounded up)."""
         t = self.config.train
         if t.steps_per_epoch:
             return int(t.steps_per_epoch)

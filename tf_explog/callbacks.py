@@ -335,6 +335,13 @@ class MetricsCSV(keras.callbacks.Callback):
         write_metrics_csv(self.path, self.rows)
 
 
+def _improves(value: float, best: Optional[float], lower: bool) -> bool:
+    """Whether ``value`` beats ``best`` (None: nothing yet), lower or higher being better."""
+    if best is None:
+        return True
+    return value < best if lower else value > best
+
+
 class BestCheckpoint(keras.callbacks.Callback):
     """Saves the model whenever ``monitor`` improves, atomically.
 
@@ -362,9 +369,7 @@ class BestCheckpoint(keras.callbacks.Callback):
         self._resumed = False
 
     def _better(self, value: float) -> bool:
-        if self.best is None:
-            return True
-        return value < self.best if self.mode == "min" else value > self.best
+        return _improves(value, self.best, lower=self.mode == "min")
 
     def on_epoch_begin(self, epoch, logs=None):
         if self._resumed:
@@ -410,9 +415,9 @@ class EpochSummary(keras.callbacks.Callback):
         logs = logs or {}
         value = logs.get(self.monitor)
         if value is not None and np.isfinite(_as_float(value)):
-            lower = self.monitor.endswith("loss")
             value = _as_float(value)
-            if self.best is None or (value < self.best[0] if lower else value > self.best[0]):
+            if _improves(value, None if self.best is None else self.best[0],
+                         lower=self.monitor.endswith("loss")):
                 self.best = (value, epoch)
         print(epoch_line(epoch, self.epochs, logs, self.best, self.monitor), flush=True)
 

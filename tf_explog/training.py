@@ -22,10 +22,9 @@ TensorFlow is imported only on the TensorFlow backend.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from pathlib import Path
-
-import contextlib
 
 import keras
 
