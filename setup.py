@@ -31,6 +31,8 @@ setup(
         "numpy",
         "nibabel",
         "scipy",
+        # Otsu threshold for the head crop (tf_explog.data.preprocess.head_mask).
+        "scikit-image",
         # TensorFlow 2.21 no longer pulls TensorBoard in; keras.callbacks.TensorBoard needs it.
         "tensorboard",
         "PyYAML",

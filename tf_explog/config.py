@@ -38,6 +38,7 @@ class PreprocessConfig:
     crop_foreground: bool = False  # crop to the head's bounding box (from the image alone)
     crop_threshold: float = 0.0  # 0: nonzero voxels; else a fraction of the 99.5th percentile
     crop_margin: float = 10.0  # mm around the foreground box
+    crop_method: str = "threshold"  # threshold | otsu (robust to noise in the air)
 
     def validate(self, key):
         from tf_explog.data.preprocess import Preprocessor  # numpy/scipy only
@@ -113,6 +114,9 @@ class ModelConfig:
     dropout: float = 0.5
     aux_outputs: int = 0  # 0 = the paper's fused head alone; up to 3 auxiliary heads
     bn_momentum: float = 0.99  # not given by the paper; Keras' default
+    # 1 = the paper. 2: the network works at half the input's resolution and its logits are
+    # upsampled back (trilinear), so the loss sees the labels at their own resolution.
+    input_downsample: int = 1
 
     def validate(self, key):
         _length(f"{key}.filters", self.filters, 5)
@@ -125,6 +129,7 @@ class ModelConfig:
         _range(f"{key}.dropout", self.dropout, 0.0, 0.99)
         _range(f"{key}.aux_outputs", self.aux_outputs, 0, 3)
         _range(f"{key}.bn_momentum", self.bn_momentum, 0.0, 0.9999)
+        _choice(f"{key}.input_downsample", self.input_downsample, (1, 2, 4))
 
 
 @dataclass
@@ -219,6 +224,16 @@ class Config:
         self.model.validate("model")
         self.loss.validate("loss")
         self.train.validate("train")
+        factor = self.model.input_downsample
+        if factor > 1:
+            if self.data.mode != "patch":
+                raise ConfigError(f"model.input_downsample: {factor} needs data.mode: patch "
+                                  f"(whole volumes are padded to multiples of 16 only); got "
+                                  f"data.mode: {self.data.mode}.")
+            if any(size % (16 * factor) for size in self.data.patch_size):
+                raise ConfigError(f"data.patch_size must be multiples of {16 * factor} with "
+                                  f"model.input_downsample: {factor}; got "
+                                  f"{self.data.patch_size}.")
         return self
 
     def resolve(self, path: str | None) -> Path | None:

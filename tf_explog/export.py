@@ -545,21 +545,10 @@ def _label_values(label_map: Optional[Mapping], num_classes: int, what: str) -> 
 
 
 def _pad_multiple(model: keras.Model) -> int:
-    """Product of the downsampling factors along the first spatial axis (16 for 4 poolings)."""
-    factor = 1
-    for layer in _all_layers(model):
-        if isinstance(layer, (keras.layers.MaxPooling3D, keras.layers.AveragePooling3D)):
-            factor *= int(layer.strides[0])
-        elif isinstance(layer, keras.layers.Conv3D):
-            factor *= int(layer.strides[0])
-    return max(factor, 1)
+    """The multiple spatial sizes are padded to (16 for 4 poolings); see `spatial_divisor`."""
+    from tf_explog.models import spatial_divisor
 
-
-def _all_layers(model):
-    for layer in model.layers:
-        yield layer
-        if isinstance(layer, keras.Model):
-            yield from _all_layers(layer)
+    return spatial_divisor(model)
 
 
 def _check_multiple(value: Any) -> int:
@@ -656,6 +645,7 @@ def _metadata(*, source: dict, name: str, channels: int, num_classes: int, pre,
             "target_spacing": spacing,
             "crop_foreground": pre.crop_foreground,
             "crop_threshold": pre.crop_threshold,
+            "crop_method": pre.crop_method,
             "crop_margin_mm": pre.crop_margin,
             "pad_to_cube": pre.pad_to_cube,
             "resize_shape": None if pre.resize_shape is None else list(pre.resize_shape),

@@ -49,6 +49,7 @@ _NORMALIZATIONS = (None, "zscore", "zscore_nonzero")
 _PRESETS = (None, "paper")
 _IMAGE_ORDERS = (1, 3)
 _UNKNOWN = ("background", "raise")
+_CROP_METHODS = ("threshold", "otsu")
 _EPS_STD = 1e-8
 
 
@@ -147,30 +148,81 @@ def _crop_pad(array: np.ndarray, before, after, value) -> np.ndarray:
     return np.ascontiguousarray(array)
 
 
-def foreground_box(image: np.ndarray, spacing: Sequence[float], threshold: float = 0.0,
-                   margin_mm: float = 10.0) -> tuple:
-    """``(lo, hi)`` voxel bounds (``hi`` exclusive) of the foreground of ``[D, H, W, C]``,
-    grown by ``margin_mm`` and clipped to the volume; the whole volume when nothing is
-    foreground. Foreground: any channel ``!= 0`` (``threshold`` 0), else any channel
-    ``> threshold * 99.5th percentile`` of that channel."""
-    image = np.asarray(image)
-    if image.ndim == 3:
-        image = image[..., np.newaxis]
-    if threshold == 0:
-        mask = np.any(image != 0, axis=-1)
-    else:
-        levels = np.percentile(image.reshape(-1, image.shape[-1]), 99.5, axis=0) * threshold
-        mask = np.any(image > levels, axis=-1)
-    shape = image.shape[:3]
-    if not mask.any():
-        return (0, 0, 0), tuple(int(n) for n in shape)
+def _box_of(mask: np.ndarray, spacing: Sequence[float], margin_mm: float, scale=1) -> tuple:
+    """``(lo, hi)`` of ``mask``'s bounding box (voxels of a grid ``scale`` times finer),
+    grown by ``margin_mm`` and clipped to ``mask.shape * scale``."""
+    shape = [int(n) * scale for n in mask.shape]
     margin = [int(np.ceil(margin_mm / float(s))) for s in spacing]
     lo, hi = [], []
     for axis in range(3):
         present = np.flatnonzero(mask.any(axis=tuple(a for a in range(3) if a != axis)))
-        lo.append(max(0, int(present[0]) - margin[axis]))
-        hi.append(min(int(shape[axis]), int(present[-1]) + 1 + margin[axis]))
+        lo.append(max(0, int(present[0]) * scale - margin[axis]))
+        hi.append(min(shape[axis], (int(present[-1]) + 1) * scale + margin[axis]))
     return tuple(lo), tuple(hi)
+
+
+def head_mask(image: np.ndarray, spacing: Sequence[float], smooth_mm: float = 2.0,
+              min_component: float = 0.01) -> np.ndarray:
+    """The head (everything that is not air) of ``[D, H, W(, C)]``, robust to noise in the air.
+
+    The first channel is smoothed (Gaussian, ``smooth_mm``), thresholded by Otsu's method,
+    and connected components smaller than ``min_component`` times the largest are dropped
+    (noise specks in the air survive smoothing as small islands); holes are filled in 3-D
+    (dark tissue inside the head, e.g. skull and CSF, belongs to the head).
+    """
+    from skimage.filters import threshold_otsu
+
+    image = np.asarray(image, dtype=np.float32)
+    if image.ndim == 4:
+        image = image[..., 0]
+    sigma = [smooth_mm / float(s) for s in spacing]
+    smooth = ndimage.gaussian_filter(image, sigma=sigma, mode="nearest")
+    if not np.isfinite(smooth).all() or float(smooth.max()) <= float(smooth.min()):
+        return np.zeros(image.shape, bool)
+    mask = smooth > threshold_otsu(smooth)
+    components, count = ndimage.label(mask)
+    if count > 1:
+        sizes = np.bincount(components.ravel())[1:]
+        keep = np.flatnonzero(sizes >= min_component * sizes.max()) + 1
+        mask = np.isin(components, keep)
+    return ndimage.binary_fill_holes(mask)
+
+
+def foreground_box(image: np.ndarray, spacing: Sequence[float], threshold: float = 0.0,
+                   margin_mm: float = 10.0, method: str = "threshold") -> tuple:
+    """``(lo, hi)`` voxel bounds (``hi`` exclusive) of the foreground of ``[D, H, W, C]``,
+    grown by ``margin_mm`` and clipped to the volume; the whole volume when nothing is
+    foreground.
+
+    Foreground, by ``method``:
+      - ``"threshold"``: any channel ``!= 0`` (``threshold`` 0, for skull-stripped or
+        conformed scans), else any channel ``> threshold * 99.5th percentile`` of that
+        channel. Noise in the air passes any low threshold: use "otsu" for raw scans.
+      - ``"otsu"``: :func:`head_mask`, computed on a grid 2× coarser (voxels under 2 mm)
+        for speed; the box is mapped back to full resolution.
+    """
+    image = np.asarray(image)
+    if image.ndim == 3:
+        image = image[..., np.newaxis]
+    shape = tuple(int(n) for n in image.shape[:3])
+    if method not in _CROP_METHODS:
+        raise InputError(f"crop_method: expected one of {_CROP_METHODS}, got {method!r}")
+    scale = 1
+    if method == "otsu":
+        # Coarsen to ~2 mm: the box only needs the margin's precision, and 256³ at 1 mm
+        # would take seconds per volume.
+        scale = max(1, int(2.0 // max(float(min(spacing)), 1e-6)))
+        small = image[::scale, ::scale, ::scale, 0] if scale > 1 else image[..., 0]
+        mask = head_mask(small, [float(s) * scale for s in spacing])
+    elif threshold == 0:
+        mask = np.any(image != 0, axis=-1)
+    else:
+        levels = np.percentile(image.reshape(-1, image.shape[-1]), 99.5, axis=0) * threshold
+        mask = np.any(image > levels, axis=-1)
+    if not mask.any():
+        return (0, 0, 0), shape
+    lo, hi = _box_of(mask, spacing, margin_mm, scale)
+    return lo, tuple(min(h, n) for h, n in zip(hi, shape))
 
 
 def _centred_amounts(in_shape, out_shape):
@@ -210,6 +262,9 @@ class Preprocessor:
             conformed scans, as nnU-Net crops), else ``> crop_threshold`` times the image's
             99.5th percentile (scans with background noise), in ``[0, 1)``.
         crop_margin: margin around the foreground box, in mm (canonical axes).
+        crop_method: how the foreground is found: "threshold" (``crop_threshold`` above) or
+            "otsu" (Otsu's threshold of a smoothed image, small islands dropped, holes
+            filled: robust to the noise in the air of raw scans; see :func:`head_mask`).
         label_map: ``{new_id: [original values]}`` applied to labels (see ``nifti.LabelMap``).
         unknown_labels: "background" or "raise" for label values outside ``label_map``.
         preset: None or "paper": fills unset geometry options with the paper's
@@ -231,6 +286,7 @@ class Preprocessor:
     crop_foreground: bool = False
     crop_threshold: float = 0.0
     crop_margin: float = 10.0
+    crop_method: str = "threshold"
 
     def __post_init__(self) -> None:
         if self.preset not in _PRESETS:
@@ -293,6 +349,9 @@ class Preprocessor:
                 raise InputError(f"{key}: expected a number in [{low}, {high}), got "
                                  f"{getattr(self, key)!r}")
             setattr(self, key, value)
+        if self.crop_method not in _CROP_METHODS:
+            raise InputError(
+                f"crop_method: expected one of {_CROP_METHODS}, got {self.crop_method!r}")
         if self.unknown_labels not in _UNKNOWN:
             raise InputError(
                 f"unknown_labels: expected one of {_UNKNOWN}, got {self.unknown_labels!r}"
@@ -469,7 +528,8 @@ class Preprocessor:
             shape = out_shape
 
         if self.crop_foreground:
-            lo, hi = foreground_box(img, spacing, self.crop_threshold, self.crop_margin)
+            lo, hi = foreground_box(img, spacing, self.crop_threshold, self.crop_margin,
+                                    self.crop_method)
             if (tuple(lo), tuple(hi)) != ((0, 0, 0), shape):
                 before = [-int(v) for v in lo]
                 after = [int(h) - int(n) for h, n in zip(hi, shape)]
