@@ -54,6 +54,21 @@ def ref_linear_dice(labels, probs, smooth=1.0):
     return float(np.mean((1 - dice).mean(1)))
 
 
+def ref_dice_ce(labels, probs, smooth=1e-5, wd=1.0, wce=1.0, focal_gamma=None, cw=None,
+                include_background=False):
+    """nnU-Net's Dice + CE (or, with ``focal_gamma``, Dice + focal), float64."""
+    dice, nlp, lab = ref_terms(labels, probs, smooth)
+    if not include_background:
+        dice = dice[:, 1:]
+    classes = probs.shape[-1]
+    w = np.ones(classes) if cw is None else np.asarray(cw, np.float64)
+    if focal_gamma is None:
+        voxel = nlp
+    else:
+        voxel = (1.0 - np.exp(-nlp)) ** focal_gamma * nlp
+    return float(np.mean(wd * (1 - dice).mean(1) + wce * (w[lab] * voxel).mean(1)))
+
+
 def ref_gdl(labels, probs, smooth=1e-5):
     batch, classes = probs.shape[0], probs.shape[-1]
     p = probs.astype(np.float64).reshape(batch, -1, classes)
@@ -247,7 +262,10 @@ def test_finite_value_and_gradient(policy, case, name):
                        "log_dice": lambda: ref_explog(labels, probs, gd=0.3, wd=1, wc=0),
                        "weighted_cross_entropy": lambda: ref_explog(labels, probs, gc=0.3,
                                                                     wd=0, wc=1),
-                       "linear_dice": lambda: ref_linear_dice(labels, probs)}[name]()
+                       "linear_dice": lambda: ref_linear_dice(labels, probs),
+                       "dice_ce": lambda: ref_dice_ce(labels, probs),
+                       "dice_focal": lambda: ref_dice_ce(labels, probs, focal_gamma=2.0),
+                       }[name]()
                 assert float(value) == pytest.approx(ref, rel=0.05, abs=1e-5)
 
     # gradient w.r.t. probabilities that are exactly one-hot / exactly zero
@@ -367,7 +385,9 @@ def test_get_config_round_trip(name):
               "log_dice": dict(gamma=0.3, include_background=False),
               "weighted_cross_entropy": dict(gamma=0.3, class_weights=[1.0, 4.0]),
               "linear_dice": dict(smooth=0.5),
-              "generalized_dice": dict(weight_type="simple")}[name]
+              "generalized_dice": dict(weight_type="simple"),
+              "dice_ce": dict(w_dice=0.5, w_ce=2.0, smooth=1.0, class_weights=[1.0, 3.0]),
+              "dice_focal": dict(gamma=0.5, w_focal=3.0, include_background=True)}[name]
     loss = losses.get(name, **kwargs)
     config = loss.get_config()
     json.dumps(config)
@@ -542,3 +562,46 @@ def test_deep_supervision_losses_downsample_per_level():
         assert config["gamma_dice"] == 1.0 and config["class_weights"] == [1.0, 2.0]
     with pytest.raises(ValueError, match="downsample_labels"):
         losses.ExpLogLoss(downsample_labels=0)
+
+
+# ----------------------------------------------------------------------------------------
+# Compound losses beyond the paper: nnU-Net's Dice + CE, Dice + focal
+# ----------------------------------------------------------------------------------------
+
+COMPOUND_CASES = [
+    # (loss name, kwargs, reference kwargs)
+    ("dice_ce", {}, {}),
+    ("dice_ce", {"w_dice": 0.3, "w_ce": 2.0, "smooth": 1.0, "include_background": True,
+                 "class_weights": [0.5, 2.0, 4.0]},
+     {"wd": 0.3, "wce": 2.0, "smooth": 1.0, "include_background": True,
+      "cw": [0.5, 2.0, 4.0]}),
+    ("dice_focal", {}, {"focal_gamma": 2.0}),
+    ("dice_focal", {"gamma": 0.5, "w_focal": 3.0, "class_weights": [1.0, 1.0, 9.0]},
+     {"focal_gamma": 0.5, "wce": 3.0, "cw": [1.0, 1.0, 9.0]}),
+    ("dice_focal", {"gamma": 0.0}, {"focal_gamma": 0.0}),  # gamma 0: Dice + CE
+]
+
+
+@pytest.mark.parametrize("from_logits", [False, True])
+@pytest.mark.parametrize("name,kwargs,ref_kwargs", COMPOUND_CASES)
+def test_compound_losses_match_float64_reference(name, kwargs, ref_kwargs, from_logits):
+    rng = np.random.default_rng(7)
+    labels = rng.integers(0, 3, size=(2, 6, 5, 4)).astype(np.int32)
+    labels[1][labels[1] == 2] = 0  # label 2 absent from the second sample
+    logits = rng.normal(scale=2.0, size=labels.shape + (3,)).astype(np.float32)
+    probs = np_softmax(logits.astype(np.float64))
+    expected = ref_dice_ce(labels, probs, **{"smooth": 1e-5, **ref_kwargs})
+    y_pred = logits if from_logits else probs.astype(np.float32)
+    value = float(losses.get(name, from_logits=from_logits, **kwargs)(labels, y_pred))
+    assert value == pytest.approx(expected, rel=1e-5)
+
+
+def test_dice_focal_with_gamma_zero_is_dice_ce_and_focal_down_weights_easy_voxels():
+    rng = np.random.default_rng(3)
+    labels = rng.integers(0, 4, size=(1, 8, 8, 8)).astype(np.int32)
+    logits = rng.normal(size=labels.shape + (4,)).astype(np.float32)
+    ce = float(losses.DiceCELoss(from_logits=True)(labels, logits))
+    focal0 = float(losses.DiceFocalLoss(gamma=0.0, from_logits=True)(labels, logits))
+    focal2 = float(losses.DiceFocalLoss(gamma=2.0, from_logits=True)(labels, logits))
+    assert focal0 == pytest.approx(ce, rel=1e-6)
+    assert focal2 < focal0  # (1 - p)^2 < 1 wherever p > 0

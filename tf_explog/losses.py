@@ -35,12 +35,16 @@ __all__ = [
     "log_dice_loss",
     "weighted_cross_entropy",
     "generalized_dice_loss",
+    "dice_ce_loss",
+    "dice_focal_loss",
     "soft_dice_per_label",
     "ExpLogLoss",
     "LinearDiceLoss",
     "LogDiceLoss",
     "WeightedCrossEntropy",
     "GeneralizedDiceLoss",
+    "DiceCELoss",
+    "DiceFocalLoss",
     "downsample_targets",
     "deep_supervision_losses",
 ]
@@ -438,6 +442,59 @@ def generalized_dice_loss(y_true, y_pred, weight_type="square", smooth=1e-5,
     return 1.0 - (numerator + smooth) / (denominator + smooth)
 
 
+def _weighted_voxel_mean(per_class, targets, class_weights, num_classes):
+    """``mean_x Σ_c t_c(x) w_c per_class_c(x)`` (w = 1 without class weights)."""
+    if class_weights is not None and len(class_weights) != num_classes:
+        raise InputError(
+            f"`class_weights` has {len(class_weights)} entries but y_pred has "
+            f"{num_classes} classes; give one weight per label."
+        )
+    if class_weights is not None:
+        per_class = per_class * ops.convert_to_tensor(np.asarray(class_weights, "float32"))
+    per_voxel = ops.sum(targets * per_class, axis=-1)
+    return ops.mean(per_voxel, axis=tuple(range(1, len(per_voxel.shape))))
+
+
+@keras.saving.register_keras_serializable(package="tf_explog")
+def dice_ce_loss(y_true, y_pred, w_dice=1.0, w_ce=1.0, smooth=1e-5, class_weights=None,
+                 from_logits=False, include_background=False, downsample_labels=1):
+    """Soft Dice + cross-entropy, nnU-Net's default loss (Isensee et al. 2021), per sample.
+
+    ``L = w_dice * mean_i (1 - Dice_i) + w_ce * mean_x Σ_c t_c w_c (-ln p_c)``
+
+    with ``Dice_i = (2 Σ t_i p_i + smooth) / (Σ (t_i + p_i) + smooth)`` per sample, the label
+    mean over the foreground labels (``include_background=False``, as nnU-Net) and unweighted
+    cross-entropy by default. nnU-Net writes the Dice term as ``-Dice`` (the same gradient);
+    ``1 - Dice`` keeps a perfect prediction at exactly 0.
+    """
+    one_hot, probs, neg_log_p, num_classes, _ = _prepare(y_true, y_pred, from_logits,
+                                                         downsample_labels)
+    dice_term = _label_mean(_one_minus_dice(one_hot, probs, smooth), include_background)
+    ce_term = _weighted_voxel_mean(neg_log_p, one_hot, class_weights, num_classes)
+    return w_dice * dice_term + w_ce * ce_term
+
+
+@keras.saving.register_keras_serializable(package="tf_explog")
+def dice_focal_loss(y_true, y_pred, w_dice=1.0, w_focal=1.0, gamma=2.0, smooth=1e-5,
+                    class_weights=None, from_logits=False, include_background=False,
+                    downsample_labels=1):
+    """Soft Dice + focal loss (Lin et al., ICCV 2017), a compound loss, per sample.
+
+    ``L = w_dice * mean_i (1 - Dice_i) + w_focal * mean_x Σ_c t_c w_c (1 - p_c)^gamma (-ln p_c)``
+
+    Dice as in :func:`dice_ce_loss`; ``class_weights`` play the focal loss's ``α_c``
+    (None: all 1). ``1 - p`` is computed as ``-expm1(ln p)`` so that it stays exact near
+    p = 1, and the power is safe at 0 for any gamma ≥ 0.
+    """
+    one_hot, probs, neg_log_p, num_classes, _ = _prepare(y_true, y_pred, from_logits,
+                                                         downsample_labels)
+    dice_term = _label_mean(_one_minus_dice(one_hot, probs, smooth), include_background)
+    one_minus_p = -ops.expm1(-neg_log_p)
+    focal = _safe_pow(ops.maximum(one_minus_p, 0.0), gamma) * neg_log_p
+    focal_term = _weighted_voxel_mean(focal, one_hot, class_weights, num_classes)
+    return w_dice * dice_term + w_focal * focal_term
+
+
 # --------------------------------------------------------------------------------------
 # Loss classes
 # --------------------------------------------------------------------------------------
@@ -593,6 +650,60 @@ class GeneralizedDiceLoss(_SegmentationLoss):
         )
 
 
+@keras.saving.register_keras_serializable(package="tf_explog")
+class DiceCELoss(_SegmentationLoss):
+    """Soft Dice + cross-entropy (nnU-Net's default, 1 : 1); see :func:`dice_ce_loss`.
+
+    ``L = w_dice * mean_i (1 - Dice_i) + w_ce * mean_x w_l (-ln p_l)``, foreground labels in
+    the Dice mean, ``smooth = 1e-5`` and no class weights by default (as nnU-Net).
+    Reference: Isensee et al., "nnU-Net", Nature Methods 18 (2021).
+    """
+
+    fn = staticmethod(dice_ce_loss)
+
+    def __init__(self, w_dice=1.0, w_ce=1.0, smooth=1e-5, class_weights=None,
+                 from_logits=False, include_background=False, downsample_labels=1,
+                 reduction="sum_over_batch_size", name="dice_ce_loss", dtype=None):
+        super().__init__(
+            name, reduction, dtype,
+            w_dice=_check_non_negative("w_dice", w_dice),
+            w_ce=_check_non_negative("w_ce", w_ce),
+            smooth=_check_positive("smooth", smooth),
+            class_weights=_check_class_weights(class_weights),
+            from_logits=bool(from_logits),
+            include_background=bool(include_background),
+            downsample_labels=_check_factor(downsample_labels),
+        )
+
+
+@keras.saving.register_keras_serializable(package="tf_explog")
+class DiceFocalLoss(_SegmentationLoss):
+    """Soft Dice + focal loss, a compound loss; see :func:`dice_focal_loss`.
+
+    ``L = w_dice * mean_i (1 - Dice_i) + w_focal * mean_x w_l (1 - p_l)^gamma (-ln p_l)``,
+    gamma = 2 by default. Reference: Lin et al., "Focal Loss for Dense Object Detection",
+    ICCV 2017; compound Dice + focal losses: Ma et al., "Loss odyssey in medical image
+    segmentation", Medical Image Analysis 71 (2021).
+    """
+
+    fn = staticmethod(dice_focal_loss)
+
+    def __init__(self, w_dice=1.0, w_focal=1.0, gamma=2.0, smooth=1e-5, class_weights=None,
+                 from_logits=False, include_background=False, downsample_labels=1,
+                 reduction="sum_over_batch_size", name="dice_focal_loss", dtype=None):
+        super().__init__(
+            name, reduction, dtype,
+            w_dice=_check_non_negative("w_dice", w_dice),
+            w_focal=_check_non_negative("w_focal", w_focal),
+            gamma=_check_non_negative("gamma", gamma),
+            smooth=_check_positive("smooth", smooth),
+            class_weights=_check_class_weights(class_weights),
+            from_logits=bool(from_logits),
+            include_background=bool(include_background),
+            downsample_labels=_check_factor(downsample_labels),
+        )
+
+
 #: Names accepted by configs and the loss comparison, mapped to their classes.
 LOSSES = {
     "exp_log": ExpLogLoss,
@@ -600,14 +711,18 @@ LOSSES = {
     "weighted_cross_entropy": WeightedCrossEntropy,
     "linear_dice": LinearDiceLoss,
     "generalized_dice": GeneralizedDiceLoss,
+    "dice_ce": DiceCELoss,
+    "dice_focal": DiceFocalLoss,
 }
 
 
-def deep_supervision_losses(loss: keras.losses.Loss, aux_outputs: int) -> dict:
+def deep_supervision_losses(loss: keras.losses.Loss, aux_outputs: int,
+                            input_downsample: int = 1) -> dict:
     """``{output name: loss}`` for a model with ``aux_outputs`` auxiliary heads.
 
     The full-resolution ``"segmentation"`` output gets ``loss``; ``"aux_k"`` (at 1/2**k
-    resolution) gets a copy with ``downsample_labels=2**k``, so every output is trained on
+    of the network's grid, itself ``1 / input_downsample`` of the labels' grid) gets a copy
+    with ``downsample_labels = input_downsample * 2**k``, so every output is trained on
     the same full-resolution labels, averaged down to soft targets that keep the volume of
     every structure (a structure a few voxels wide neither vanishes nor aliases at 1/8).
     """
@@ -617,7 +732,8 @@ def deep_supervision_losses(loss: keras.losses.Loss, aux_outputs: int) -> dict:
     out = {SEGMENTATION: loss}
     for k in range(1, int(aux_outputs) + 1):
         out[aux_name(k)] = type(loss).from_config(
-            {**config, "downsample_labels": 2**k, "name": f"{config['name']}_{aux_name(k)}"})
+            {**config, "downsample_labels": int(input_downsample) * 2**k,
+             "name": f"{config['name']}_{aux_name(k)}"})
     return out
 
 
