@@ -146,7 +146,8 @@ def build_from_config(config: Config, num_classes: int, channels: int) -> keras.
         input_shape=(None, None, None, channels), num_classes=num_classes,
         filters=tuple(m.filters), encoder_depths=tuple(m.encoder_depths),
         decoder_depths=tuple(m.decoder_depths), noise_std=m.noise_std, dropout=m.dropout,
-        aux_outputs=m.aux_outputs, bn_momentum=m.bn_momentum, seed=config.seed)
+        aux_outputs=m.aux_outputs, bn_momentum=m.bn_momentum, seed=config.seed,
+        input_downsample=m.input_downsample)
 
 
 def compile_model(model, config: Config, class_weights, label_names, jit_compile,
@@ -160,7 +161,8 @@ def compile_model(model, config: Config, class_weights, label_names, jit_compile
     if n_aux:
         model.compile(
             optimizer=make_optimizer(config, steps_per_epoch),
-            loss=losses_lib.deep_supervision_losses(loss, n_aux),
+            loss=losses_lib.deep_supervision_losses(loss, n_aux,
+                                                    config.model.input_downsample),
             loss_weights=aux_loss_weights(n_aux),
             metrics={"segmentation": metrics},
             jit_compile=jit_compile)

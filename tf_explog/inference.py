@@ -278,7 +278,7 @@ def predict_volume(
     gaussian_sigma: float = 0.125,
     tta: Union[bool, Sequence[int]] = False,
     window_batch: int = 1,
-    divisor: int = DIVISOR,
+    divisor: Optional[int] = None,
     predict_fn=None,
 ) -> np.ndarray:
     """Class probabilities of a whole preprocessed volume of any size.
@@ -301,7 +301,8 @@ def predict_volume(
         tta: False, True (average over the 8 flips of the 3 spatial axes) or a sequence of
             spatial axes whose flip combinations to average over (``(0, 1)``: 4 passes).
         window_batch: windows per model call.
-        divisor: spatial sizes the model accepts are multiples of this.
+        divisor: spatial sizes the model accepts are multiples of this (default: from the
+            model's pooling layers, `tf_explog.models.spatial_divisor`).
         predict_fn: how to run a batch (default ``model.predict_on_batch``; e.g.
             ``lambda x: model(x, training=False)`` inside a custom distributed loop).
 
@@ -336,6 +337,10 @@ def predict_volume(
         raise InferenceError(f"gaussian_sigma: expected a positive number, got {gaussian_sigma!r}")
     flips = _flip_sets(tta)
 
+    if divisor is None:
+        from tf_explog.models import spatial_divisor
+
+        divisor = spatial_divisor(model)
     fixed = all(d is not None for d in fixed_dims)
     if any(d is not None for d in fixed_dims) and not fixed:
         raise InferenceError(

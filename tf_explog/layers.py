@@ -205,3 +205,56 @@ class SpatialSizeCheck(layers.Layer):
     def get_config(self) -> dict:
         return {**super().get_config(), "divisor": self.divisor}
 
+
+
+def _upsample_linear_3d(x, factor: int):
+    """``[B, D, H, W, C]`` upsampled ``factor`` times by linear interpolation between voxel
+    centres, as two 2-D bilinear resizes (H, W, then D) — one fused kernel each, about 8×
+    faster on a CPU than slicing and interleaving the axes one by one.
+
+    Output voxel ``j`` samples the input at ``(j + 1/2) / factor − 1/2`` (half-pixel centres,
+    both grids covering the same extent, as in `tf_explog.data.preprocess`), with the edge
+    voxel repeated beyond the ends; for factor 2, ``out[2i] = 3/4 x[i] + 1/4 x[i−1]``.
+    """
+    shape = ops.shape(x)
+    b, d, h, w, c = (shape[i] for i in range(5))
+    y = ops.reshape(x, (b * d, h, w, c))
+    y = ops.image.resize(y, (h * factor, w * factor), interpolation="bilinear",
+                         antialias=False, data_format="channels_last")
+    y = ops.reshape(y, (b, d, h * factor * w * factor, c))
+    y = ops.image.resize(y, (d * factor, h * factor * w * factor), interpolation="bilinear",
+                         antialias=False, data_format="channels_last")
+    return ops.reshape(y, (b, d * factor, h * factor, w * factor, c))
+
+
+@keras.saving.register_keras_serializable(package="tf_explog")
+class LinearUpsampling3D(layers.Layer):
+    """Trilinear upsampling of ``[B, D, H, W, C]`` by a power of 2 (Keras' ``UpSampling3D``
+    only repeats voxels).
+
+    Voxel-centre aligned (see `_upsample_linear_3d`): the inverse of
+    ``AveragePooling3D(factor)`` for smooth inputs, which is how a network working at a
+    coarser grid (`tf_explog.models.build_model`'s ``input_downsample``) returns logits on
+    the input's grid, with partial-volume boundaries instead of blocks.
+
+    Args:
+        factor: 2, 4, 8, ….
+    """
+
+    def __init__(self, factor: int = 2, **kwargs) -> None:
+        super().__init__(**kwargs)
+        factor = _positive_int(factor, "factor")
+        if factor & (factor - 1):
+            raise InputError(f"LinearUpsampling3D: factor must be a power of 2, got {factor}")
+        self.factor = factor
+
+    def call(self, inputs):
+        return _upsample_linear_3d(inputs, self.factor)
+
+    def compute_output_shape(self, input_shape):
+        return tuple([input_shape[0]]
+                     + [None if s is None else s * self.factor for s in input_shape[1:4]]
+                     + [input_shape[4]])
+
+    def get_config(self) -> dict:
+        return {**super().get_config(), "factor": self.factor}

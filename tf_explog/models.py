@@ -16,9 +16,10 @@ from typing import Any, Sequence
 import keras
 from keras import layers
 
-from tf_explog.layers import Block, SpatialSizeCheck
+from tf_explog.layers import Block, LinearUpsampling3D, SpatialSizeCheck
 
-__all__ = ["build_model", "aux_loss_weights", "output_names", "SEGMENTATION", "aux_name"]
+__all__ = ["build_model", "aux_loss_weights", "output_names", "spatial_divisor", "SEGMENTATION",
+           "aux_name"]
 
 from tf_explog.labels import SEGMENTATION, aux_name  # noqa: E402  (output names live there)
 from tf_explog.errors import InputError
@@ -96,6 +97,7 @@ def build_model(
     name: str = "explog_unet",
     seed: int | None = None,
     bn_momentum: float = 0.99,
+    input_downsample: int = 1,
 ) -> keras.Model:
     """Build the network of Wong et al. (2018), Fig. 1.
 
@@ -113,6 +115,14 @@ def build_model(
     float32 whatever the dtype policy; the pre-softmax convs are named ``"<output>_logits"``.
     A first layer refuses spatial sizes that are not multiples of 16 with a clear message.
 
+    With ``input_downsample = f > 1`` (beyond the paper) the network works at ``1/f`` of the
+    input's resolution: the image is average-pooled by ``f`` first, and the fused logits are
+    brought back to the input's grid by trilinear upsampling (`LinearUpsampling3D`) before
+    the softmax. The loss then sees the labels at their own resolution, so a structure a few
+    coarse voxels thick is learnt with partial-volume boundaries (a 1 mm optic chiasm of
+    ~200 voxels from a 2 mm network) at the compute of the coarse grid; ``aux_k`` is then at
+    ``1 / (f · 2**k)`` of the input. Spatial sizes must be multiples of ``16 f``.
+
     Args:
         input_shape: ``(D, H, W, C)``; spatial sizes None or multiples of
             ``2 ** (len(filters) - 1)`` (16 by default); any channel count.
@@ -128,6 +138,8 @@ def build_model(
         seed: seed of the noise and dropout layers (None: Keras' global seeding).
         bn_momentum: BatchNormalization moving-average momentum (not given by the paper;
             Keras' 0.99 by default, lower settles faster when epochs have few steps).
+        input_downsample: 1 (the paper), 2 or 4: the factor the network's grid is coarser
+            than the input's (see above).
 
     Returns:
         A functional ``keras.Model``. Without auxiliary heads its single output is named
@@ -142,7 +154,10 @@ def build_model(
         raise InputError(f"build_model: filters needs at least 2 levels, got {filters!r}")
     encoder_depths = _int_tuple(encoder_depths, "encoder_depths", levels)
     decoder_depths = _int_tuple(decoder_depths, "decoder_depths", levels - 1)
-    divisor = 2 ** (levels - 1)
+    if input_downsample not in (1, 2, 4) or isinstance(input_downsample, bool):
+        raise InputError(f"build_model: input_downsample must be 1, 2 or 4, got "
+                         f"{input_downsample!r}")
+    divisor = 2 ** (levels - 1) * input_downsample
     input_shape = _check_input_shape(input_shape, divisor)
     if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
         raise InputError(f"build_model: num_classes must be an integer >= 2, got {num_classes!r}")
@@ -154,6 +169,8 @@ def build_model(
 
     inputs = keras.Input(shape=input_shape, name="image")
     x = SpatialSizeCheck(divisor, name="size_check")(inputs)
+    if input_downsample > 1:
+        x = layers.AveragePooling3D(input_downsample, name="input_downsample")(x)
     if noise_std > 0:
         x = layers.GaussianNoise(float(noise_std), seed=seed, name="input_noise")(x)
 
@@ -185,7 +202,7 @@ def build_model(
         fused = layers.Concatenate(axis=-1, name=f"ds_concat_{level}")(
             [decoder_outputs[level], fused]
         )
-    outputs = {SEGMENTATION: _head(fused, num_classes, SEGMENTATION)}
+    outputs = {SEGMENTATION: _head(fused, num_classes, SEGMENTATION, input_downsample)}
 
     # Auxiliary heads: aux_k sits on the decoder output at level k + 1 (1 / 2**k resolution).
     for k in range(1, n_aux + 1):
@@ -196,9 +213,12 @@ def build_model(
     return keras.Model(inputs, outputs, name=name)
 
 
-def _head(x, num_classes: int, name: str):
-    """Conv3D 1³ to ``num_classes`` logits, then a float32 softmax named ``name``."""
+def _head(x, num_classes: int, name: str, upsample: int = 1):
+    """Conv3D 1³ to ``num_classes`` logits (trilinearly upsampled by ``upsample``), then a
+    float32 softmax named ``name``."""
     logits = layers.Conv3D(num_classes, 1, name=f"{name}_logits")(x)
+    if upsample > 1:
+        logits = LinearUpsampling3D(upsample, name=f"{name}_upsample")(logits)
     # float32 softmax: under mixed precision the loss needs full-precision probabilities.
     return layers.Activation("softmax", dtype="float32", name=name)(logits)
 
@@ -225,6 +245,21 @@ def aux_loss_weights(n_aux: int, decay: float = 0.5) -> dict[str, float]:
     raw.update({aux_name(k): float(decay) ** k for k in range(1, n_aux + 1)})
     total = sum(raw.values())
     return {key: value / total for key, value in raw.items()}
+
+
+def spatial_divisor(model: keras.Model) -> int:
+    """The multiple every spatial input size must be: the product of the strides of the
+    pooling (and strided convolution) layers along the first axis — 16 for the paper's
+    network, 32 with ``input_downsample=2``."""
+    factor = 1
+    stack = list(model.layers)
+    while stack:
+        layer = stack.pop()
+        if isinstance(layer, keras.Model):
+            stack.extend(layer.layers)
+        elif isinstance(layer, (layers.MaxPooling3D, layers.AveragePooling3D, layers.Conv3D)):
+            factor *= int(layer.strides[0])
+    return max(factor, 1)
 
 
 def output_names(model: keras.Model) -> list[str]:
