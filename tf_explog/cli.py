@@ -1,6 +1,7 @@
 """``tf-explog`` command line: thin subcommands over the package's modules.
 
     tf-explog synth     --out DIR [--subjects N] [--shape S] [--seed K]
+    tf-explog synth     --from-label-maps DIR --out DIR [--label-map FILE] [--subjects N]
     tf-explog train     --config FILE [--set key=value ...] | --resume RUN_DIR
     tf-explog predict   --model PATH --input FILE_OR_DIR --output DIR
     tf-explog evaluate  --pred DIR --truth DIR_OR_DATASET_JSON --out DIR
@@ -29,11 +30,30 @@ def _shape(text: str):
 
 
 def cmd_synth(args) -> int:
+    workers = args.workers or max(1, min(8, os.cpu_count() or 1))
+    if args.from_label_maps:
+        from tf_explog.data.label_synthesis import synthesize_from_label_maps
+
+        if args.shape is not None:
+            from tf_explog.errors import InputError
+
+            raise InputError("--shape is for the phantoms; with --from-label-maps the images "
+                             "take the grid of their label maps")
+        synthesize_from_label_maps(
+            args.from_label_maps, args.out, label_map=args.label_map,
+            label_names=args.label_names, subjects=args.subjects,
+            test_subjects=args.test_subjects or 0, seed=args.seed, contrast=args.contrast,
+            acquisition=args.spacing, workers=workers, overwrite=args.overwrite,
+            progress=True)
+        print(f"wrote {os.path.join(args.out, 'dataset.json')}")
+        return 0
     from tf_explog.data.synthetic import generate_dataset
 
-    generate_dataset(args.out, subjects=args.subjects, shape=args.shape, seed=args.seed,
-                     test_subjects=args.test_subjects, spacing=args.spacing,
-                     overwrite=args.overwrite, verbose=True, workers=args.workers)
+    generate_dataset(args.out, subjects=12 if args.subjects is None else args.subjects,
+                     shape=args.shape or [128, 128, 128], seed=args.seed,
+                     test_subjects=args.test_subjects,
+                     spacing=1.5 if args.spacing is None else args.spacing,
+                     overwrite=args.overwrite, verbose=True, workers=workers)
     print(f"wrote {os.path.join(args.out, 'dataset.json')}")
     return 0
 
@@ -109,7 +129,8 @@ def cmd_export(args) -> int:
 def cmd_reproduce(args) -> int:
     from tf_explog.experiments import reproduce
 
-    report = reproduce(args.config, overrides=args.set, out_dir=args.out)
+    report = reproduce(args.config, overrides=args.set, out_dir=args.out,
+                       arms=args.arms.split(",") if args.arms else None, splits=args.splits)
     print(f"report: {report}")
     return 0
 
@@ -138,15 +159,32 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("synth", parents=[common],
-                       help="write the synthetic brain-like benchmark (MSD layout)")
+                       help="write a synthetic data set (MSD layout): brain-like phantoms, or "
+                            "MR-like images drawn from real label maps (--from-label-maps)")
     p.add_argument("--out", required=True)
-    p.add_argument("--subjects", type=int, default=12)
+    p.add_argument("--from-label-maps", metavar="DIR",
+                   help="a folder of label maps (e.g. FreeSurfer aseg ids): draw one MR-like "
+                        "image per map; the label files are copied unchanged")
+    p.add_argument("--label-map", metavar="FILE",
+                   help="with --from-label-maps: {class: [original ids]} JSON "
+                        "(default DIR/label_map.json when present)")
+    p.add_argument("--label-names", metavar="FILE",
+                   help="with --from-label-maps: {class: name} JSON (default DIR/labels.json)")
+    p.add_argument("--contrast", choices=("t1", "random"), default="t1",
+                   help="with --from-label-maps: T1-like means for known ids, or all random")
+    p.add_argument("--subjects", type=int, default=None,
+                   help="phantoms: training subjects (default 12); label maps: how many maps "
+                        "(default all)")
     p.add_argument("--test-subjects", type=int, default=None)
-    p.add_argument("--shape", type=_shape, default=[128, 128, 128])
-    p.add_argument("--spacing", type=float, default=1.5)
+    p.add_argument("--shape", type=_shape, default=None, help="phantoms: grid (default 128)")
+    p.add_argument("--spacing", type=float, default=None,
+                   help="phantoms: voxel size in mm (default 1.5); label maps: the simulated "
+                        "acquisition voxel size in mm (partial-volume blur; default the "
+                        "map's own)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--overwrite", action="store_true")
-    p.add_argument("--workers", type=int, default=1, help="processes drawing subjects")
+    p.add_argument("--workers", type=int, default=None,
+                   help="processes drawing subjects (default: the CPU count, at most 8)")
     p.set_defaults(func=cmd_synth)
 
     p = sub.add_parser("train", parents=[common],
@@ -199,6 +237,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", required=True)
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--out", default=None, help="report directory")
+    p.add_argument("--arms", default=None, metavar="A,B",
+                   help="run (and report) these arms only, comma-separated")
+    p.add_argument("--splits", type=int, default=None, metavar="K",
+                   help="the first K splits only (default: the config's); finished runs are "
+                        "kept, so a later call with more splits adds to them")
     p.set_defaults(func=cmd_reproduce)
 
     p = sub.add_parser("demo", parents=[common],

@@ -48,6 +48,19 @@ class SyntheticData:
 
 
 @dataclass
+class LabelMapData:
+    """Synthesise MR-like images from a folder of label maps into ``out`` when its
+    dataset.json is missing (`tf_explog.data.label_synthesis`)."""
+
+    maps: str = "../../shared/data/brain_label_maps"  # relative to the reproduce config
+    out: str = "../data/brain"
+    subjects: Optional[int] = None  # None: every map
+    test_subjects: int = 3
+    seed: int = 0
+    contrast: str = "t1"
+
+
+@dataclass
 class Arm:
     """One arm: a loss (with its parameters) and/or config overrides (a recipe)."""
 
@@ -63,6 +76,7 @@ class ReproduceConfig:
     train_config: str = "demo.yaml"  # base training config, relative to this file
     set: list[str] = field(default_factory=list)  # overrides applied to every arm
     synthetic: Optional[SyntheticData] = None
+    label_maps: Optional[LabelMapData] = None
     out_dir: str = "../reports/reproduce"
     reference_arm: str = "exp_log_g0.3"
     splits: int = 3  # random re-partitions of the data set (split 0: its own)
@@ -142,6 +156,8 @@ def arm_train_config(reproduce_config: str | Path, arm: str, overrides=()):
 
 
 def _ensure_synthetic(rc: ReproduceConfig, base_dir: Path) -> None:
+    if rc.label_maps is not None:
+        _ensure_label_map_data(rc.label_maps, base_dir)
     if rc.synthetic is None:
         return
     from tf_explog.data.synthetic import generate_dataset
@@ -156,6 +172,23 @@ def _ensure_synthetic(rc: ReproduceConfig, base_dir: Path) -> None:
     generate_dataset(out, subjects=s.subjects, test_subjects=s.test_subjects,
                      shape=s.shape, seed=s.seed, verbose=True,
                      workers=max(1, min(8, os.cpu_count() or 1)))
+
+
+def _ensure_label_map_data(lm: LabelMapData, base_dir: Path) -> None:
+    from tf_explog.data.label_synthesis import synthesize_from_label_maps
+    from tf_explog.errors import InputError
+
+    out = (base_dir / lm.out).resolve()
+    if (out / "dataset.json").is_file():
+        return
+    maps = (base_dir / lm.maps).resolve()
+    if not maps.is_dir():
+        raise InputError(f"label_maps.maps: {maps} is not a folder of label maps; set it to "
+                         "your copy of the maps (e.g. SynthSeg's data/training_label_maps)")
+    print(f"[reproduce] synthesising MR-like images from {maps} into {out}", flush=True)
+    synthesize_from_label_maps(maps, out, subjects=lm.subjects, test_subjects=lm.test_subjects,
+                               seed=lm.seed, contrast=lm.contrast, progress=True,
+                               workers=max(1, min(8, os.cpu_count() or 1)))
 
 
 def make_splits(manifest, count: int, seed: int = 0) -> list:
@@ -312,12 +345,20 @@ def machine_description() -> str:
 
 
 def reproduce(config_path: str | Path, overrides=(), out_dir: str | Path | None = None,
-              arms: list[str] | None = None) -> Path:
-    """Runs every arm on every split and writes the report; returns report.md's path."""
+              arms: list[str] | None = None, splits: int | None = None) -> Path:
+    """Runs every arm on every split and writes the report; returns report.md's path.
+
+    ``arms`` and ``splits`` (the first K splits; split k is the same whatever K) restrict the
+    work; runs already finished are reused, so the comparison can be grown call by call.
+    """
     from tf_explog.builders import cache_dir_for, load_manifest
     from tf_explog.comparison import write_report
 
     rc, base_dir = load_reproduce_config(config_path)
+    if splits is not None:
+        if isinstance(splits, bool) or not isinstance(splits, int) or not 1 <= splits <= 100:
+            raise ConfigError(f"splits must be between 1 and 100; got {splits!r}.")
+        rc.splits = splits
     out = Path(out_dir) if out_dir else (base_dir / rc.out_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
     _ensure_synthetic(rc, base_dir)
