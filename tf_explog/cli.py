@@ -221,12 +221,14 @@ def main(argv=None) -> int:
     """Runs one subcommand; returns its exit status (see ``EXIT_*``).
 
     Every failure is one line ``tf-explog <command>: error: ...`` on stderr. Bad input (any
-    `tf_explog.errors.InputError`, or a path the system refuses) exits 2; a diverged training
-    exits 1; anything else is a bug in tf_explog: exit 3, and ``--debug`` shows its traceback.
+    `tf_explog.errors.InputError`, or a path the system refuses) and the environment (a full
+    disk or quota, a read-only file system, no permission: the path and what to do) exit 2;
+    a diverged training exits 1; anything else is a bug in tf_explog: exit 3, and ``--debug`` shows its traceback.
     """
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     args = build_parser().parse_args(argv)
     from tf_explog.errors import InputError, NonFiniteError
+    from tf_explog.files import describe_environment_error, environment_error
 
     def fail(message: str, status: int) -> int:
         # One line, also for errors that list several problems (one per line, "  - ...").
@@ -245,7 +247,17 @@ def main(argv=None) -> int:
     except NonFiniteError as err:
         # Training diverged: one line, a failure status, and nothing NaN was kept.
         return fail(str(err), EXIT_NON_FINITE)
-    except (InputError, *_PATH_ERRORS) as err:
+    except OSError as err:
+        if args.debug:
+            raise
+        if environment_error(err):
+            # A full disk, a read-only or unwritable folder: the path and what to do.
+            return fail(describe_environment_error(err), EXIT_BAD_INPUT)
+        if isinstance(err, _PATH_ERRORS):
+            return fail(str(err), EXIT_BAD_INPUT)
+        return fail(f"internal error ({type(err).__name__}: {err}); this is a bug in "
+                    "tf_explog, run again with --debug for the traceback", EXIT_INTERNAL)
+    except InputError as err:
         if args.debug:
             raise
         # The message names the file or field and what was expected.
