@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any, Iterator, Union
 
 __all__ = ["atomic_path", "atomic_write", "write_json", "remove_stale_temporaries",
-           "temporary_prefix", "environment_error", "describe_environment_error",
+           "temporary_prefix", "temporary_name", "environment_error", "describe_environment_error",
            "ENVIRONMENT_ERRNOS", "FILE_MODE"]
 
 PathLike = Union[str, os.PathLike]
@@ -101,11 +101,7 @@ def atomic_path(path: PathLike, *, overwrite: bool = True) -> Iterator[Path]:
         raise FileExistsError(f"{target}: already exists; pass --overwrite (overwrite=True) "
                               "to replace it")
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=temporary_prefix(target.name), suffix=f".tmp{_suffix(target.name)}",
-                               dir=target.parent)
-    os.close(fd)
-    os.unlink(tmp)  # writers that refuse existing files (or append to them) get a free name
-    tmp = Path(tmp)
+    tmp = temporary_name(target)
     try:
         yield tmp
         if not tmp.exists():
@@ -119,6 +115,21 @@ def atomic_path(path: PathLike, *, overwrite: bool = True) -> Iterator[Path]:
         with contextlib.suppress(FileNotFoundError, IsADirectoryError):
             tmp.unlink()
         raise
+
+
+def temporary_name(path: PathLike) -> Path:
+    """A free temporary name next to ``path`` (``.<name>.<pid>-<random>.tmp<suffix>``, the
+    suffix kept for writers that choose the format by it); nothing is left at that name.
+
+    For a writer that renames several files into place only once all are written; a kill
+    leaves them to :func:`remove_stale_temporaries`.
+    """
+    target = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=temporary_prefix(target.name),
+                               suffix=f".tmp{_suffix(target.name)}", dir=target.parent)
+    os.close(fd)
+    os.unlink(tmp)  # writers that refuse existing files (or append to them) get a free name
+    return Path(tmp)
 
 
 def _fsync(path: Path) -> None:

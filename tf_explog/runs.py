@@ -207,8 +207,9 @@ class Run:
         """The `tf_explog.data.preprocess.Preprocessor` of the run (label map included)."""
         from tf_explog.data.preprocess import Preprocessor
 
+        entry = self._field("preprocessor", dict)  # an unreadable run.json says so itself
         try:
-            return Preprocessor.from_dict(self._field("preprocessor", dict))
+            return Preprocessor.from_dict(entry)
         except (InputError, KeyError, TypeError) as err:
             raise RunError(f"{self.path / RUN_FILE}: invalid 'preprocessor' entry: "
                            f"{err}") from None
