@@ -8,13 +8,16 @@
   message names the path and what to do. Exit status 2.
 - :class:`NonFiniteError` (also a ``RuntimeError``): training produced NaN or Inf. The
   command line prints it as one line and exits with status 1.
+- :class:`RunsFailed`: some runs of a batch (``reproduce``'s arms) failed; the report of
+  the others was written. The command line prints it as one line and exits with status 1.
 
 Anything else that escapes is a bug, reported with its traceback.
 """
 
 from __future__ import annotations
 
-__all__ = ["TfExplogError", "InputError", "EnvironmentFault", "NonFiniteError"]
+__all__ = ["TfExplogError", "InputError", "EnvironmentFault", "NonFiniteError",
+           "RunsFailed"]
 
 
 class TfExplogError(Exception):
@@ -32,3 +35,7 @@ class EnvironmentFault(InputError):
 
 class NonFiniteError(TfExplogError, RuntimeError):
     """A loss, metric or weight became NaN or Inf during training."""
+
+
+class RunsFailed(TfExplogError, RuntimeError):
+    """Some runs of a batch failed (each reported); the message says which and where."""
