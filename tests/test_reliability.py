@@ -3,6 +3,7 @@ one line `tf-explog <cmd>: error: ...` naming what is wrong, the right exit stat
 leave every file on disk as it was (no run directory, no half-written output)."""
 
 import json
+import os
 import shutil
 import struct
 from pathlib import Path
@@ -10,6 +11,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+import keras
 import yaml
 
 from tf_explog import cli
@@ -35,15 +37,44 @@ def _config(root: Path, **changes) -> dict:
     return raw
 
 
+class _StopAfter(keras.callbacks.Callback):
+    """Raises KeyboardInterrupt at the end of epoch ``epoch`` (after the resume state)."""
+
+    def __init__(self, epoch: int) -> None:
+        super().__init__()
+        self.epoch = epoch
+
+    def on_epoch_end(self, epoch, logs=None):
+        if epoch == self.epoch:
+            raise KeyboardInterrupt("stopped by the test")
+
+
 @pytest.fixture(scope="module")
 def base(tmp_path_factory):
-    """A valid data set, a config, and one finished run (for predict/export cases)."""
+    """A valid data set, a config, one finished run (for predict/export cases) and one
+    interrupted after its first epoch (``runs/part/*``, for --resume cases)."""
+    from tf_explog.config import load_config
+    from tf_explog.training import train
+
     root = tmp_path_factory.mktemp("reliability")
     generate_dataset(root / "data", subjects=4, test_subjects=1, shape=SIZE, verbose=False)
     (root / "tiny.yaml").write_text(yaml.safe_dump(_config(root)))
     assert cli.main(["train", "--config", str(root / "tiny.yaml")]) == 0
     (run,) = (root / "runs" / "tiny").iterdir()
+    (root / "part.yaml").write_text(yaml.safe_dump(_config(root, name="part",
+                                                           **{"train.epochs": 2})))
+    with pytest.raises(KeyboardInterrupt):
+        train(load_config(root / "part.yaml"), extra_callbacks=[_StopAfter(0)])
+    (part,) = (root / "runs" / "part").iterdir()
+    assert [p.name for p in (part / "backup").iterdir()] == ["epoch-0001.weights.h5"]
+    (root / "part.yaml").unlink()
     return root, run
+
+
+def _part(root: Path) -> Path:
+    """The run interrupted after its first epoch (see ``base``)."""
+    (part,) = (root / "runs" / "part").iterdir()
+    return part
 
 
 def _dataset_json(root: Path) -> dict:
@@ -214,12 +245,202 @@ CASES = [
 ]
 
 
+# ---- issue 23: the families of the adversarial review, each a table case ----------------
+
+def _loop(path: Path) -> None:
+    """Replaces ``path`` by a symbolic link loop (path -> path.loop -> path)."""
+    path.unlink()
+    other = path.with_name(path.name + ".loop")
+    path.symlink_to(other.name)
+    other.symlink_to(path.name)
+
+
+def _symlink_loop_in_data(root, run):
+    _loop(_label_file(root, 1))
+    (_label_file(root, 2)).unlink()  # a second problem: both are listed
+    return _train(root, run)
+
+
+def _affine(path: Path, change) -> None:
+    img = nib.load(str(path))
+    affine = img.affine.copy()
+    change(affine)
+    header = img.header.copy()
+    header.set_qform(None, code=0)  # the sform alone describes the grid
+    header.set_sform(affine, code=1)  # as stored; nibabel would refuse to decompose it
+    nib.save(nib.Nifti1Image(np.asarray(img.dataobj), None, header=header), str(path))
+
+
+def _singular_affine_train(root, run):
+    entry = _dataset_json(root)["training"][1]
+    for rel in (entry["image"], entry["label"]):
+        _affine(root / "data" / rel, lambda a: a.__setitem__((slice(0, 3), 1), 0.0))
+    return _train(root, run)
+
+
+def _test_image(root) -> Path:
+    (image,) = (root / "data" / "imagesTs").glob("*.nii.gz")
+    return image
+
+
+def _predict(root, run, *extra):
+    return ["predict", "--model", str(run), "--input", str(root / "data" / "imagesTs"),
+            "--output", str(root / "preds"), *extra]
+
+
+def _singular_affine_predict(root, run):
+    _affine(_test_image(root), lambda a: a.__setitem__((slice(0, 3), 2), 0.0))
+    return _predict(root, run)
+
+
+def _nan_affine_predict(root, run):
+    _affine(_test_image(root), lambda a: a.__setitem__((0, 0), np.nan))
+    return _predict(root, run)
+
+
+DEEP = "[" * 10**6 + "]" * 10**6
+
+
+def _deep_dataset_json(root, run):
+    (root / "data" / "dataset.json").write_text(DEEP)
+    return _train(root, run)
+
+
+def _deep_label_map(root, run):
+    (root / "deep_map.json").write_text(DEEP)
+    return _with_config(**{"data.label_map": "deep_map.json"})(root, run)
+
+
+def _deep_truth(root, run):
+    (root / "truth.json").write_text(DEEP)
+    return ["evaluate", "--pred", str(root / "data" / "imagesTs"), "--truth",
+            str(root / "truth.json"), "--out", str(root / "ev")]
+
+
+def _two_modalities(root, run):
+    spec = _dataset_json(root)
+    spec["modality"] = {"0": "T1", "1": "T2"}
+    _write_dataset_json(root, spec)
+    return _train(root, run)
+
+
+def _class_without_ids(root, run):
+    classes = [int(k) for k in _dataset_json(root)["labels"] if int(k) > 0]
+    (root / "map.json").write_text(json.dumps({str(c): [c] for c in classes if c != 5}))
+    return _with_config(**{"data.label_map": "map.json"})(root, run)
+
+
+def _unreadable_input(root, run):
+    shutil.copy(_test_image(root), root / "data" / "imagesTs" / "a.nii.gz")
+    (root / "data" / "imagesTs" / "z.nii.gz").symlink_to("z.nii.gz")  # loops onto itself
+    return _predict(root, run)
+
+
+def _later_bad_input(root, run):
+    image = _test_image(root)
+    shutil.copy(image, root / "data" / "imagesTs" / "a.nii.gz")  # fine, read first
+    data = image.read_bytes()
+    (root / "data" / "imagesTs" / "z.nii.gz").write_bytes(data[: len(data) // 2])
+    return _predict(root, run)
+
+
+def _colliding_outputs(root, run):
+    image = _test_image(root)
+    stem = image.name[: -len(".nii.gz")]
+    shutil.copy(image, image.with_name(f"{stem}_probabilities.nii.gz"))
+    return _predict(root, run, "--probabilities")
+
+
+def _truncated_keras(root, run):
+    best = run / "checkpoints" / "best.keras"
+    best.write_bytes(best.read_bytes()[:1000])
+    return _predict(root, run)
+
+
+def _unreadable_run_json(root, run):
+    (run / "run.json").write_text('{"config": ')
+    return _predict(root, run)
+
+
+def _resume(root, run):
+    return ["train", "--resume", str(_part(root))]
+
+
+def _edited_config_yaml(root, run):
+    path = _part(root) / "config.yaml"
+    raw = yaml.safe_load(path.read_text())
+    raw["train"]["epochs"] = 5
+    path.write_text(yaml.safe_dump(raw))
+    return _resume(root, run)
+
+
+def _state_not_matching_run_json(root, run):
+    part = _part(root)
+    info = json.loads((part / "run.json").read_text())
+    info["config"]["model"]["filters"] = [8, 8, 8, 8, 8]
+    (part / "run.json").write_text(json.dumps(info))
+    raw = yaml.safe_load((part / "config.yaml").read_text())
+    raw["model"]["filters"] = [8, 8, 8, 8, 8]
+    (part / "config.yaml").write_text(yaml.safe_dump(raw))
+    return _resume(root, run)
+
+
+def _torn_state(root, run):
+    state = _part(root) / "backup" / "epoch-0001.weights.h5"
+    state.write_bytes(state.read_bytes()[:17952])  # what a kill mid-write left (issue 23)
+    return _resume(root, run)
+
+
+CASES += [
+    ("symlink loop among the data files", _symlink_loop_in_data, 2,
+     ["symbolic link that loops", "file not found"]),
+    ("singular affine (train)", _singular_affine_train, 2, ["affine", "singular"]),
+    ("singular affine (predict)", _singular_affine_predict, 2, ["affine", "singular"]),
+    ("NaN in the sform (predict)", _nan_affine_predict, 2, ["affine", "NaN"]),
+    ("dataset.json nested 10^6 deep", _deep_dataset_json, 2,
+     ["dataset.json", "nested too deeply"]),
+    ("label map nested 10^6 deep", _deep_label_map, 2, ["deep_map.json", "nested too deeply"]),
+    ("evaluate --truth nested 10^6 deep", _deep_truth, 2, ["truth.json", "nested too deeply"]),
+    ("modality lists 2 channels for 3D images", _two_modalities, 2,
+     ["3D image", "'modality' lists 2"]),
+    ("seed -1", _with_config(seed=-1), 2, ["seed", "-1"]),
+    ("seed 2**40", _with_config(seed=2**40), 2, ["seed", str(2**40)]),
+    ("target_shape not a multiple of 16", _with_config(
+        data={"dataset": "data/dataset.json", "preprocess": {"target_shape": 20}}), 2,
+     ["data.preprocess.target_shape", "20"]),
+    ("--set with an empty key", lambda r, run: [*_train(r, run), "--set", "=3"], 2,
+     ["'=3'"]),
+    ("--set with an empty part", lambda r, run: [*_train(r, run), "--set",
+                                                 "train..epochs=3"], 2,
+     ["'train..epochs=3'"]),
+    ("label map leaving a class with no id", _class_without_ids, 2,
+     ["map.json", "class(es) [5]", "no original ids"]),
+    ("predict an unreadable input", _unreadable_input, 2,
+     ["z.nii.gz", "symbolic link that loops"]),
+    ("predict a bad input after a good one", _later_bad_input, 2, ["z.nii.gz"]),
+    ("predict two inputs with the same output", _colliding_outputs, 2,
+     ["_probabilities.nii.gz", "also the output of"]),
+    ("predict with a truncated .keras", _truncated_keras, 2,
+     ["best.keras", "not a complete .keras archive"]),
+    ("predict with an unreadable run.json", _unreadable_run_json, 2,
+     ["run.json", "unreadable"]),
+    ("--resume with an edited config.yaml", _edited_config_yaml, 2,
+     ["config.yaml", "train.epochs", "run.json"]),
+    ("--resume with weights not matching run.json", _state_not_matching_run_json, 2,
+     ["epoch-0001.weights.h5", "does not fit the model"]),
+    ("--resume with a torn resume state", _torn_state, 2,
+     ["backup", "no complete resume state"]),
+]
+
+
 def _snapshot(root: Path) -> dict:
     """Every file under ``root`` with its size and contents' hash (caches left out)."""
     import hashlib
 
     return {str(p.relative_to(root)): hashlib.sha1(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file() and ".cache" not in p.parts}
+            if p.is_file() else f"-> {os.readlink(p)}"
+            for p in sorted(root.rglob("*"))
+            if (p.is_file() or p.is_symlink()) and ".cache" not in p.parts}
 
 
 @pytest.mark.parametrize("name, setup, status, words", CASES, ids=[c[0] for c in CASES])
