@@ -510,3 +510,277 @@ def test_checkpoints_are_written_atomically_and_resume_keeps_the_best(base, tmp_
     assert callback.best == 0.9
     np.testing.assert_array_equal(
         keras.saving.load_model(str(best)).layers[0].kernel.numpy(), np.ones((2, 1)))
+
+
+# ---- issue 23: a real kill during the resume-state write, one process per run ------------
+
+CHILD = '''
+import os, sys, time
+from pathlib import Path
+
+marker, argv = Path(sys.argv[1]), sys.argv[2:]
+real = os.replace
+
+
+def replace(src, dst, *args, **kwargs):
+    # Between the complete temporary file and its rename: say so, then wait to be killed.
+    if str(dst).endswith("epoch-0002.weights.h5"):
+        marker.write_text(str(os.getpid()))
+        time.sleep(600)
+    return real(src, dst, *args, **kwargs)
+
+
+os.replace = replace
+from tf_explog import cli
+
+sys.exit(cli.main(argv))
+'''
+
+
+def _hidden(run: Path) -> list:
+    """Temporary files anywhere in the run (the lock file is not one)."""
+    return sorted(str(p.relative_to(run)) for p in run.rglob(".*") if p.name != ".lock")
+
+
+def test_a_kill_between_the_state_write_and_its_rename_loses_nothing(base, tmp_path, capsys):
+    """A training process killed (SIGKILL) after writing the new resume state under its
+    temporary name and before renaming it: while it runs, nobody else may use the run; once
+    it is dead, --resume continues from the previous complete state and removes the
+    leftover temporary file."""
+    import subprocess
+    import sys
+    import time
+
+    root = tmp_path / "work"
+    shutil.copytree(base[0], root, symlinks=True)
+    (root / "killed.yaml").write_text(yaml.safe_dump(_config(root, name="killed",
+                                                             **{"train.epochs": 3})))
+    (tmp_path / "child.py").write_text(CHILD)
+    marker = tmp_path / "paused"
+    child = subprocess.Popen(
+        [sys.executable, str(tmp_path / "child.py"), str(marker), "train", "--config",
+         str(root / "killed.yaml")], cwd=root, stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 600
+        while not marker.exists():
+            assert child.poll() is None, child.stderr.read().decode()[-2000:]
+            assert time.monotonic() < deadline, "the child never reached the rename"
+            time.sleep(0.2)
+        (run,) = (root / "runs" / "killed").iterdir()
+        backup = sorted(p.name for p in (run / "backup").iterdir())
+        assert backup[0].startswith(f".epoch-0002.weights.h5.{child.pid}-"), backup
+        assert backup[1:] == ["epoch-0001.weights.h5"]
+
+        # While it trains: a second training, predict and export of the run are refused.
+        before = _snapshot(run)
+        refused = [(["train", "--resume", str(run)], "in use by another process"),
+                   (["predict", "--model", str(run), "--input",
+                     str(root / "data" / "imagesTs"), "--output", str(root / "preds")],
+                    "still training")]
+        if keras.backend.backend() == "tensorflow":
+            refused.append((["export", "--run", str(run), "--base", str(root / "sm")],
+                            "still training"))
+        for argv, words in refused:
+            capsys.readouterr()
+            assert cli.main(argv) == 2
+            err = capsys.readouterr().err.strip().splitlines()
+            assert len(err) == 1 and err[0].startswith(f"tf-explog {argv[0]}: error: "), err
+            assert str(run) in err[0] and words in err[0] and f"pid {child.pid}" in err[0]
+        assert _snapshot(run) == before
+        assert not (root / "preds").exists() and not (root / "sm").exists()
+    finally:
+        child.kill()
+        child.wait()
+    assert child.returncode == -9
+
+    # The OS released the lock with the process; the previous state is complete.
+    assert cli.main(["train", "--resume", str(run)]) == 0
+    with open(run / "metrics.csv") as f:
+        import csv
+
+        assert [int(r["epoch"]) for r in csv.DictReader(f)] == [0, 1, 2]
+    assert (run / "checkpoints" / "final.keras").is_file() and not (run / "backup").exists()
+    assert _hidden(run) == []
+
+
+def test_resume_falls_back_to_the_previous_complete_state(base, tmp_path, capsys):
+    """The newest state cut in half (a bad disk, a hand copy): --resume says so in one line
+    and continues from the one before it."""
+    from tf_explog.callbacks import ResumeState
+
+    root = tmp_path / "work"
+    shutil.copytree(base[0], root, symlinks=True)
+    part = _part(root)
+    state = part / "backup" / "epoch-0001.weights.h5"
+    shutil.copy(state, part / "backup" / "epoch-0002.weights.h5")  # as if epoch 2 ended
+    newest = part / "backup" / "epoch-0002.weights.h5"
+    newest.write_bytes(newest.read_bytes()[: newest.stat().st_size // 2])
+    # The run's own config asks for 2 epochs: resuming from epoch 1 trains epoch index 1.
+    seen = []
+    real = ResumeState.on_train_begin
+
+    def probe(self, logs=None):
+        real(self, logs)
+        seen.append(self.restored_epoch)
+
+    ResumeState.on_train_begin = probe
+    try:
+        capsys.readouterr()
+        assert cli.main(["train", "--resume", str(part)]) == 0
+    finally:
+        ResumeState.on_train_begin = real
+    out = capsys.readouterr().out
+    assert seen == [1]
+    assert "epoch-0002.weights.h5 is unreadable" in out and "epoch-0001.weights.h5" in out
+    assert (part / "checkpoints" / "final.keras").is_file()
+
+
+# ---- issue 23: the environment (full disk, read-only, no permission) -------------------
+
+def _oserror(code: int, path) -> OSError:
+    return OSError(code, os.strerror(code), str(path))
+
+
+def _state_write_fails(monkeypatch, code: int, epoch: int) -> None:
+    """The resume-state write of ``epoch`` fails with ``code`` (as h5py would on a full
+    disk), inside its temporary file."""
+    real = keras.Model.save_weights
+
+    def save_weights(self, filepath, *args, **kwargs):
+        if f"epoch-{epoch:04d}" in str(filepath):
+            Path(filepath).write_bytes(b"\x89HDF\r\n")  # a torn start, then the failure
+            raise _oserror(code, filepath)
+        return real(self, filepath, *args, **kwargs)
+
+    monkeypatch.setattr(keras.Model, "save_weights", save_weights)
+
+
+def _nifti_write_fails(monkeypatch, code: int) -> None:
+    import tf_explog.data.nifti as nifti
+
+    def save(img, filename, *args, **kwargs):
+        raise _oserror(code, filename)
+
+    monkeypatch.setattr(nifti.nib, "save", save)
+
+
+def _mkdir_fails_under(monkeypatch, code: int, folder: Path) -> None:
+    real = Path.mkdir
+
+    def mkdir(self, *args, **kwargs):
+        if str(self).startswith(str(folder)):
+            raise _oserror(code, self)
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "mkdir", mkdir)
+
+
+ENVIRONMENT = [
+    ("full disk at the first resume state (run removed)", "train", 28,
+     lambda mp, root, run: _state_write_fails(mp, 28, 1),
+     ["backup/epoch-0001.weights.h5:", "No space left on device", "free some space",
+      "removed"]),
+    ("quota exceeded writing predictions", "predict", 122,
+     lambda mp, root, run: _nifti_write_fails(mp, 122), ["preds/brain_004.nii.gz:", "quota"]),
+    ("read-only predict --output", "predict", 30,
+     lambda mp, root, run: _nifti_write_fails(mp, 30), ["preds", "Read-only file system"]),
+    ("read-only export --base", "export", 30,
+     lambda mp, root, run: _mkdir_fails_under(mp, 30, root / "sm"),
+     ["sm", "Read-only file system"]),
+    ("runs_dir not writable", "train", 13,
+     lambda mp, root, run: _mkdir_fails_under(mp, 13, root / "runs" / "tiny"),
+     ["runs/tiny", "Permission denied", "writable"]),
+]
+
+
+@pytest.mark.parametrize("name, command, code, inject, words", ENVIRONMENT,
+                         ids=[c[0] for c in ENVIRONMENT])
+def test_environment_errors_exit_2_with_the_path_and_what_to_do(
+        base, tmp_path, capsys, monkeypatch, name, command, code, inject, words):
+    if command == "export" and keras.backend.backend() != "tensorflow":
+        pytest.skip("export needs TensorFlow")
+    root = tmp_path / "work"
+    shutil.copytree(base[0], root, symlinks=True)
+    run = root / base[1].relative_to(base[0])
+    argv = {"train": _train(root, run), "predict": _predict(root, run),
+            "export": ["export", "--run", str(run), "--base", str(root / "sm")]}[command]
+    before = _snapshot(root)
+    inject(monkeypatch, root, run)
+    capsys.readouterr()
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"tf-explog {command}: error: "), err
+    for word in words:
+        assert word in err[0], err[0]
+    assert "internal error" not in err[0]
+    assert _snapshot(root) == before  # nothing half-written, no run directory left
+
+
+def test_a_full_disk_after_an_epoch_marks_the_run_and_resume_finishes_it(
+        base, tmp_path, capsys, monkeypatch):
+    """Disk full at the second epoch's resume state: exit 2, FAILED.json says why, the run
+    is not used for predictions; with room again, --resume finishes it and the mark goes."""
+    root = tmp_path / "work"
+    shutil.copytree(base[0], root, symlinks=True)
+    (root / "two.yaml").write_text(yaml.safe_dump(_config(root, name="two",
+                                                          **{"train.epochs": 2})))
+    _state_write_fails(monkeypatch, 28, 2)
+    capsys.readouterr()
+    assert cli.main(["train", "--config", str(root / "two.yaml")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    (run,) = (root / "runs" / "two").iterdir()
+    assert len(err) == 1 and "No space left on device" in err[0], err
+    assert "FAILED.json" in err[0] and f"--resume {run}" in err[0]
+    failed = json.loads((run / "FAILED.json").read_text())
+    assert failed["kind"] == "environment" and "No space left" in failed["error"]
+    assert sorted(p.name for p in (run / "backup").iterdir()) == ["epoch-0001.weights.h5"]
+    assert cli.main(["predict", "--model", str(run), "--input", str(root / "data" / "imagesTs"),
+                     "--output", str(root / "preds")]) == 2
+    assert "failed" in capsys.readouterr().err
+
+    monkeypatch.undo()  # room again
+    assert cli.main(["train", "--resume", str(run)]) == 0
+    assert not (run / "FAILED.json").exists() and (run / "checkpoints" / "final.keras").is_file()
+    with open(run / "metrics.csv") as f:
+        import csv
+
+        assert [int(r["epoch"]) for r in csv.DictReader(f)] == [0, 1]
+    assert _hidden(run) == []
+
+
+# ---- issue 23: temporary files of killed writers ---------------------------------------
+
+def test_stale_temporaries_are_removed_and_live_ones_kept(tmp_path):
+    """Only temporaries whose writer process is gone are removed; nothing else."""
+    import subprocess
+    import sys
+
+    from tf_explog.files import remove_stale_temporaries, temporary_name
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True)
+    dead_pid = int(dead.stdout)
+    stale = tmp_path / f".a.nii.gz.{dead_pid}-x1y2.tmp.nii.gz"
+    stale.write_bytes(b"half")
+    stale_dir = tmp_path / f".tmp-export-{dead_pid}-abc"
+    stale_dir.mkdir()
+    (stale_dir / "saved_model.pb").write_bytes(b"half")
+    live = temporary_name(tmp_path / "b.nii.gz")  # this process: still writing
+    live.write_bytes(b"being written")
+    keep = [tmp_path / "a.nii.gz", tmp_path / ".hidden", tmp_path / ".x.123.tmp"]
+    for path in keep:
+        path.write_bytes(b"user data")
+    removed = remove_stale_temporaries(tmp_path)
+    assert sorted(removed) == sorted([stale, stale_dir])
+    assert sorted(tmp_path.iterdir()) == sorted(keep + [live])
+
+
+def test_alias_bomb_names_the_file_once(tmp_path, capsys):
+    path = tmp_path / "bomb.yaml"
+    path.write_text("a: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(
+        f"{c}: &{c} [*{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}]\n"
+        for p, c in zip("abcdefghijkl", "bcdefghijklm")))
+    assert cli.main(["train", "--config", str(path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count(str(path)) == 1 and "YAML aliases" in err, err

@@ -111,6 +111,14 @@ def atomic_path(path: PathLike, *, overwrite: bool = True) -> Iterator[Path]:
         _fsync(tmp)
         os.replace(tmp, target)
         _fsync_dir(target.parent)  # the rename itself survives a power cut
+    except OSError as err:
+        with contextlib.suppress(FileNotFoundError, IsADirectoryError):
+            tmp.unlink()
+        if err.errno is not None and err.filename is not None and (
+                os.fspath(err.filename) == os.fspath(tmp)):
+            # Name the file the user knows, not the temporary one (which is gone).
+            raise type(err)(err.errno, err.strerror, os.fspath(target)) from err
+        raise
     except BaseException:
         with contextlib.suppress(FileNotFoundError, IsADirectoryError):
             tmp.unlink()

@@ -529,6 +529,18 @@ def _to_original_labels(probs, record, preprocessor: Preprocessor, want_probabil
     return labels, canon_probs
 
 
+def _stage(array, volume, path: Path) -> Path:
+    """``save_like`` to a temporary name next to ``path`` (renamed later); an OSError names
+    ``path``, not the temporary file."""
+    tmp = temporary_name(path)
+    try:
+        return save_like(array, volume, tmp)
+    except OSError as err:
+        if err.errno is not None and os.fspath(err.filename or "") == os.fspath(tmp):
+            raise type(err)(err.errno, err.strerror, os.fspath(path)) from err
+        raise
+
+
 def predict_files(
     model: Union[PathLike, keras.Model],
     inputs: PathLike,
@@ -648,9 +660,9 @@ def predict_files(
                 )
             labels, canon_probs = _to_original_labels(probs, record, predictor.preprocessor,
                                                       save_probabilities, ids)
-            staged.append((save_like(labels, volume, temporary_name(seg)), seg))
+            staged.append((_stage(labels, volume, seg), seg))
             if save_probabilities:
-                staged.append((save_like(canon_probs, volume, temporary_name(prob)), prob))
+                staged.append((_stage(canon_probs, volume, prob), prob))
             if bar is not None:
                 bar.update(i + 1)
         for tmp, final in staged:
