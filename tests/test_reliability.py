@@ -784,3 +784,18 @@ def test_alias_bomb_names_the_file_once(tmp_path, capsys):
     assert cli.main(["train", "--config", str(path)]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count(str(path)) == 1 and "YAML aliases" in err, err
+
+
+def test_environment_errors_are_recognised_without_errno():
+    """h5py reports a full disk as an OSError with no errno, the system's words in its text."""
+    from tf_explog.files import describe_environment_error, environment_error
+
+    h5 = OSError("Can't synchronously write data (file write failed: errno = 28, error "
+                 "message = 'No space left on device')")
+    assert environment_error(h5)
+    assert describe_environment_error(h5, "run/backup") == (
+        "run/backup: No space left on device; free some space (or raise the quota), or "
+        "write to another disk")
+    assert not environment_error(OSError("bad object header version number"))
+    assert not environment_error(FileNotFoundError(2, "No such file or directory", "x"))
+    assert not environment_error(ValueError("No space left on device"))

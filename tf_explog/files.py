@@ -50,9 +50,21 @@ ENVIRONMENT_ERRNOS = frozenset({errno.ENOSPC, errno.EROFS, errno.EACCES, errno.E
                                 getattr(errno, "EDQUOT", errno.ENOSPC)})
 
 
+def _errno_of(err: OSError):
+    """``err.errno``, or the one its message names (h5py and some C libraries raise an
+    OSError without errno whose text carries the system's message)."""
+    if err.errno is not None:
+        return err.errno
+    text = str(err)
+    for code in ENVIRONMENT_ERRNOS:
+        if os.strerror(code) in text:
+            return code
+    return None
+
+
 def environment_error(err: BaseException) -> bool:
     """Whether ``err`` is an OSError the environment caused (see ``ENVIRONMENT_ERRNOS``)."""
-    return isinstance(err, OSError) and err.errno in ENVIRONMENT_ERRNOS
+    return isinstance(err, OSError) and _errno_of(err) in ENVIRONMENT_ERRNOS
 
 
 def describe_environment_error(err: OSError, where: PathLike = None) -> str:
@@ -63,10 +75,11 @@ def describe_environment_error(err: OSError, where: PathLike = None) -> str:
         where: the path to name when the error has none.
     """
     path = err.filename or where or "?"
-    what = os.strerror(err.errno) if err.errno else str(err)
-    if err.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", -1)):
+    code = _errno_of(err)
+    what = os.strerror(code) if code else str(err)
+    if code in (errno.ENOSPC, getattr(errno, "EDQUOT", -1)):
         todo = "free some space (or raise the quota), or write to another disk"
-    elif err.errno == errno.EROFS:
+    elif code == errno.EROFS:
         todo = "the file system is read-only: write to a writable folder instead"
     else:
         todo = "make it writable (readable) for this user, or use another folder"
