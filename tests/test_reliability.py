@@ -553,8 +553,9 @@ def test_a_kill_between_the_state_write_and_its_rename_loses_nothing(base, tmp_p
 
     root = tmp_path / "work"
     shutil.copytree(base[0], root, symlinks=True)
-    (root / "killed.yaml").write_text(yaml.safe_dump(_config(root, name="killed",
-                                                             **{"train.epochs": 3})))
+    (root / "killed.yaml").write_text(yaml.safe_dump(_config(
+        root, name="killed", **{"train.epochs": 3, "train.bn_recalibration": False,
+                                "data.validation_fraction": 0.0})))
     (tmp_path / "child.py").write_text(CHILD)
     marker = tmp_path / "paused"
     child = subprocess.Popen(
@@ -723,8 +724,9 @@ def test_a_full_disk_after_an_epoch_marks_the_run_and_resume_finishes_it(
     is not used for predictions; with room again, --resume finishes it and the mark goes."""
     root = tmp_path / "work"
     shutil.copytree(base[0], root, symlinks=True)
-    (root / "two.yaml").write_text(yaml.safe_dump(_config(root, name="two",
-                                                          **{"train.epochs": 2})))
+    (root / "two.yaml").write_text(yaml.safe_dump(_config(
+        root, name="two", **{"train.epochs": 2, "train.bn_recalibration": False,
+                             "data.validation_fraction": 0.0})))
     _state_write_fails(monkeypatch, 28, 2)
     capsys.readouterr()
     assert cli.main(["train", "--config", str(root / "two.yaml")]) == 2

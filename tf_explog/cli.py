@@ -256,7 +256,7 @@ def main(argv=None) -> int:
         if environment_error(err):
             # A full disk, a read-only or unwritable folder: the path and what to do.
             return fail(describe_environment_error(err), EXIT_BAD_INPUT)
-        if isinstance(err, _PATH_ERRORS):
+        if isinstance(err, (InputError, *_PATH_ERRORS)):
             return fail(str(err), EXIT_BAD_INPUT)
         return fail(f"internal error ({type(err).__name__}: {err}); this is a bug in "
                     "tf_explog, run again with --debug for the traceback", EXIT_INTERNAL)
