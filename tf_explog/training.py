@@ -164,13 +164,24 @@ def train(config: Config, *, resume: str | Path | None = None, extra_callbacks=(
 
     Args:
         config: a validated `Config` (ignored in favour of the run's own with ``resume``).
-        resume: an existing run directory to continue (BackupAndRestore picks up the last
-            finished epoch, optimizer state included).
+        resume: an existing run directory to continue (`ResumeState` picks up the last
+            complete epoch, optimizer state included). Its ``config.yaml`` must still say
+            what ``run.json`` says.
         extra_callbacks: more Keras callbacks (after the standard ones).
         run_dir: where to write a new run (default: a fresh timestamped directory).
 
+    The run is held by this process (`Run.lock`) while it trains, except with
+    ``train.strategy: multi_worker``.
+
     Returns:
         `TrainResult` with the run directory, the history and the checkpoint paths.
+
+    Raises:
+        RunError: the run is held by another process, finished, or edited since it started.
+        InputError: no resume state can be read, or it does not fit the model.
+        EnvironmentFault: a full disk, read-only file system or missing permission; the run
+            is removed (no finished epoch) or marked ``FAILED.json`` (resumable).
+        NonFiniteError: training diverged; the run is marked ``FAILED.json``.
     """
     # One process per run (multi-worker jobs share a resumed run between their workers).
     with contextlib.ExitStack() as held:
