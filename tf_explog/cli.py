@@ -225,7 +225,8 @@ def main(argv=None) -> int:
     Every failure is one line ``tf-explog <command>: error: ...`` on stderr. Bad input (any
     `tf_explog.errors.InputError`, or a path the system refuses) and the environment (a full
     disk or quota, a read-only file system, no permission: the path and what to do) exit 2;
-    a diverged training or a failed ``reproduce`` arm exits 1; anything else is a bug in tf_explog: exit 3, and ``--debug`` shows its traceback.
+    a diverged training or a failed ``reproduce`` arm exits 1; anything else is a bug in
+    tf_explog: exit 3, and ``--debug`` shows its traceback.
     """
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     args = build_parser().parse_args(argv)
