@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tf_explog import experiments
+from tf_explog import cli, experiments
 
 TINY_TRAIN = {
     "name": "tiny", "seed": 0, "runs_dir": "runs",
@@ -93,7 +93,7 @@ def test_reproduce_skips_finished_arms(reproduce_dir, capsys):
     assert before == after
 
 
-def test_failed_arm_is_reported_not_fatal(reproduce_dir, monkeypatch):
+def test_failed_arm_is_reported_not_fatal(reproduce_dir, monkeypatch, capsys):
     root, _ = reproduce_dir
     real = experiments.run_arm
 
@@ -107,6 +107,14 @@ def test_failed_arm_is_reported_not_fatal(reproduce_dir, monkeypatch):
     text = report.read_text()
     assert "## Failed runs" in text and "simulated failure" in text
     assert "| structure | fraction | group | exp_log_g0.3 |" in text
+    # the command line writes the same report, then fails: a failed arm is never exit 0
+    capsys.readouterr()
+    assert cli.main(["reproduce", "--config", str(root / "reproduce.yaml"), "--out",
+                     str(root / "report")]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("tf-explog reproduce: error: "), err
+    assert "arm linear_dice" in err[0] and "simulated failure" in err[0], err[0]
+    assert str(report) in err[0] and "## Failed runs" in report.read_text()
 
 
 def test_reproduce_config_errors(tmp_path):

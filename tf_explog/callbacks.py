@@ -460,3 +460,118 @@ class TimeBudget(keras.callbacks.Callback):
         if not last and now - self._start + self._longest > self.seconds:
             self.stopped_by_budget = True
             self.model.stop_training = True
+
+
+class ResumeState(keras.callbacks.BackupAndRestore):
+    """``keras.callbacks.BackupAndRestore`` whose state is written like every other run file.
+
+    Keras rewrites ``latest.weights.h5`` in place at every epoch's end, so a kill during that
+    write (or a full disk) left a torn file that ``--resume`` could not read. Here each
+    epoch's state (weights and optimizer variables) is its own file,
+    ``epoch-<NNNN>.weights.h5`` (NNNN = epochs finished), written under a temporary name,
+    fsync'ed and renamed (`tf_explog.files.atomic_path`); only then are states older than
+    the newest ``keep`` removed. A kill at any moment leaves at least the previous complete
+    state.
+
+    On restore the newest state that loads wins; a newer unreadable one (torn by hand, a bad
+    disk) is reported in one line and skipped. When no state loads, `InputError` says why in
+    one line: a state that does not fit the model (``run.json`` or the weights were edited)
+    or no complete state at all. A state written by Keras' own callback
+    (``latest.weights.h5`` + ``training_metadata.json``, runs from older versions) is read
+    too. Temporary files left by killed writers are removed first.
+
+    Args:
+        backup_dir: the run's ``backup/`` folder.
+        keep: how many complete states to keep (at least 1; 2 leaves a fallback when the
+            newest file is damaged after it was written).
+        delete_checkpoint: remove ``backup_dir`` when training ends (the trainer removes it
+            itself once the final model is saved, so that a kill in between still resumes).
+    """
+
+    PREFIX, SUFFIX = "epoch-", ".weights.h5"
+
+    def __init__(self, backup_dir, keep: int = 2, delete_checkpoint: bool = False) -> None:
+        super().__init__(str(backup_dir), save_freq="epoch",
+                         delete_checkpoint=delete_checkpoint)
+        from pathlib import Path
+
+        if keep < 1:
+            raise InputError(f"ResumeState: keep must be at least 1, got {keep}")
+        self.folder, self.keep = Path(backup_dir), int(keep)
+        self.restored_epoch: Optional[int] = None
+
+    def states(self) -> list:
+        """``(epochs finished, path)`` of the complete states on disk, newest first."""
+        import json
+
+        found = []
+        if self.folder.is_dir():
+            for path in self.folder.glob(f"{self.PREFIX}*{self.SUFFIX}"):
+                digits = path.name[len(self.PREFIX):-len(self.SUFFIX)]
+                if digits.isdigit():
+                    found.append((int(digits), path))
+            legacy = self.folder / "latest.weights.h5"
+            meta = self.folder / "training_metadata.json"
+            if legacy.is_file() and meta.is_file():
+                try:
+                    found.append((int(json.loads(meta.read_text())["epoch"]), legacy))
+                except (OSError, ValueError, KeyError, TypeError):
+                    pass
+        return sorted(found, key=lambda item: -item[0])
+
+    def on_train_begin(self, logs=None):
+        from tf_explog.files import remove_stale_temporaries
+
+        remove_stale_temporaries(self.folder)
+        states = self.states()
+        if not states:
+            return
+        if self.model.optimizer is not None and not self.model.optimizer.built:
+            self.model.optimizer.build(self.model.trainable_variables)
+        failures = []
+        for epoch, path in states:
+            try:
+                self.model.load_weights(str(path))
+            except Exception as err:  # noqa: BLE001 - h5py and Keras raise many kinds
+                failures.append((path, err))
+                continue
+            for bad, err in failures:
+                print(f"[tf_explog] resume state {bad} is unreadable ({_first_line(err)}); "
+                      f"resuming from {path.name} instead", flush=True)
+            self.model._initial_epoch = epoch  # what BackupAndRestore sets for fit()
+            self.restored_epoch = epoch
+            return
+        path, err = failures[0]
+        if any(isinstance(e, ValueError) for _, e in failures):
+            raise InputError(
+                f"{path}: the resume state does not fit the model described by run.json "
+                f"({_first_line(err)}); run.json or the weights were changed since the run "
+                "started. Restore them, or start a new run with --config <run>/config.yaml.")
+        raise InputError(
+            f"{self.folder}: no complete resume state ({len(failures)} file(s) unreadable, "
+            f"newest {path.name}: {_first_line(err)}). Start a new run with --config "
+            "<run>/config.yaml.")
+
+    def on_epoch_end(self, epoch, logs=None):
+        self._current_epoch = epoch + 1
+        self._save_model()
+
+    def _save_model(self):
+        from tf_explog.files import atomic_path
+
+        self.folder.mkdir(parents=True, exist_ok=True)
+        path = self.folder / f"{self.PREFIX}{self._current_epoch:04d}{self.SUFFIX}"
+        with atomic_path(path) as tmp:
+            self.model.save_weights(str(tmp))
+        # Only now, with the new state complete on disk, do older ones go.
+        for _, old in self.states()[self.keep:]:
+            old.unlink(missing_ok=True)
+        if self.folder.joinpath("latest.weights.h5").exists():  # superseded Keras state
+            for name in ("latest.weights.h5", "training_metadata.json"):
+                self.folder.joinpath(name).unlink(missing_ok=True)
+
+
+def _first_line(err: BaseException) -> str:
+    """The first line of an exception's message (h5py and Keras write several)."""
+    text = str(err).strip().splitlines()
+    return (text[0] if text else type(err).__name__)[:300]

@@ -129,8 +129,10 @@ def cmd_export(args) -> int:
 def cmd_reproduce(args) -> int:
     from tf_explog.experiments import reproduce
 
+    # strict: a failed arm makes the command fail (exit 1) once the report is written.
     report = reproduce(args.config, overrides=args.set, out_dir=args.out,
-                       arms=args.arms.split(",") if args.arms else None, splits=args.splits)
+                       arms=args.arms.split(",") if args.arms else None, splits=args.splits,
+                       strict=True)
     print(f"report: {report}")
     return 0
 
@@ -251,7 +253,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-#: Exit statuses: 0 done, 1 training diverged (NaN/Inf), 2 bad input, 3 internal error.
+#: Exit statuses: 0 done, 1 training failed (diverged to NaN/Inf, or a reproduce arm failed),
+#: 2 bad input or environment (full disk, read-only, no permission), 3 internal error.
 EXIT_NON_FINITE, EXIT_BAD_INPUT, EXIT_INTERNAL, EXIT_INTERRUPTED = 1, 2, 3, 130
 
 # Errors of the operating system about a path the user gave (missing input, existing output,
@@ -264,12 +267,15 @@ def main(argv=None) -> int:
     """Runs one subcommand; returns its exit status (see ``EXIT_*``).
 
     Every failure is one line ``tf-explog <command>: error: ...`` on stderr. Bad input (any
-    `tf_explog.errors.InputError`, or a path the system refuses) exits 2; a diverged training
-    exits 1; anything else is a bug in tf_explog: exit 3, and ``--debug`` shows its traceback.
+    `tf_explog.errors.InputError`, or a path the system refuses) and the environment (a full
+    disk or quota, a read-only file system, no permission: the path and what to do) exit 2;
+    a diverged training or a failed ``reproduce`` arm exits 1; anything else is a bug in
+    tf_explog: exit 3, and ``--debug`` shows its traceback.
     """
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     args = build_parser().parse_args(argv)
-    from tf_explog.errors import InputError, NonFiniteError
+    from tf_explog.errors import InputError, NonFiniteError, RunsFailed
+    from tf_explog.files import describe_environment_error, environment_error
 
     def fail(message: str, status: int) -> int:
         # One line, also for errors that list several problems (one per line, "  - ...").
@@ -285,10 +291,21 @@ def main(argv=None) -> int:
     try:
         with NativeLogFilter(enabled=quiet):
             return args.func(args)
-    except NonFiniteError as err:
-        # Training diverged: one line, a failure status, and nothing NaN was kept.
+    except (NonFiniteError, RunsFailed) as err:
+        # Training diverged (nothing NaN was kept), or reproduce arms failed (the report of
+        # the others is written): one line and a failure status.
         return fail(str(err), EXIT_NON_FINITE)
-    except (InputError, *_PATH_ERRORS) as err:
+    except OSError as err:
+        if args.debug:
+            raise
+        if environment_error(err):
+            # A full disk, a read-only or unwritable folder: the path and what to do.
+            return fail(describe_environment_error(err), EXIT_BAD_INPUT)
+        if isinstance(err, (InputError, *_PATH_ERRORS)):
+            return fail(str(err), EXIT_BAD_INPUT)
+        return fail(f"internal error ({type(err).__name__}: {err}); this is a bug in "
+                    "tf_explog, run again with --debug for the traceback", EXIT_INTERNAL)
+    except InputError as err:
         if args.debug:
             raise
         # The message names the file or field and what was expected.

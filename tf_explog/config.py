@@ -220,10 +220,20 @@ class Config:
             check_run_name(self.name)  # the run folder must stay inside runs_dir
         except RunError as err:
             raise ConfigError(str(err)) from None
+        # NumPy, Python and the backends all accept seeds in [0, 2**32).
+        _range("seed", self.seed, 0, 2**32 - 1)
         self.data.validate("data")
         self.model.validate("model")
         self.loss.validate("loss")
         self.train.validate("train")
+        target = self.data.preprocess.target_shape
+        if self.data.mode == "volume" and target is not None:
+            # Whole volumes reach the network at this shape: it must survive 4 poolings.
+            sizes = [target] * 3 if isinstance(target, int) else list(target)
+            if any(int(s) % 16 for s in sizes):
+                raise ConfigError(f"data.preprocess.target_shape must be multiples of 16 in "
+                                  f"volume mode (the network halves the resolution 4 times); "
+                                  f"got {target!r}.")
         factor = self.model.input_downsample
         if factor > 1:
             if self.data.mode != "patch":
@@ -305,7 +315,7 @@ def read_yaml(path: str | Path) -> dict:
         text = path.read_text()
         aliases = sum(isinstance(event, yaml.AliasEvent) for event in yaml.parse(text))
         if aliases > MAX_YAML_ALIASES:
-            raise ConfigError(f"{path}: {aliases} YAML aliases; at most {MAX_YAML_ALIASES} "
+            raise ConfigError(f"{aliases} YAML aliases; at most {MAX_YAML_ALIASES} "
                               "are allowed in a config.")
         raw = yaml.load(text, Loader=_StrictLoader) or {}
     except ConfigError as err:
@@ -359,6 +369,10 @@ def config_from_dict(raw: dict, overrides: list[str] | tuple[str, ...] = ()) -> 
         if "=" not in item:
             raise ConfigError(f"override {item!r} must look like key=value (e.g. train.epochs=3).")
         key, value = item.split("=", 1)
+        parts = key.strip().split(".")
+        if not all(part.strip() for part in parts):
+            raise ConfigError(f"override {item!r}: the key {key.strip()!r} must be dotted "
+                              "names without empty parts (e.g. train.epochs=3).")
         try:
             parsed = yaml.safe_load(value)
         except yaml.YAMLError as err:

@@ -575,8 +575,10 @@ def _truth_from_dataset_json(path: Path) -> tuple[list, dict[int, str], Any]:
     ``label_map`` entry (or None) from ``path``."""
     try:
         spec = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise EvaluationError(f"{path}: not valid JSON ({exc})") from exc
+    except RecursionError:
+        raise EvaluationError(f"{path}: not valid JSON (nested too deeply)") from None
     if not isinstance(spec, Mapping):
         raise EvaluationError(f"{path}: expected a JSON object with 'labels' and 'test'")
     names = _labels_from_dataset_json(spec.get("labels"), str(path))

@@ -33,6 +33,7 @@ import keras
 import numpy as np
 
 from tf_explog.config import ConfigError, _build, load_config, packaged_config
+from tf_explog.errors import RunsFailed
 from tf_explog.files import atomic_write, write_json
 from tf_explog.runs import RUN_FILE, Run
 
@@ -345,11 +346,15 @@ def machine_description() -> str:
 
 
 def reproduce(config_path: str | Path, overrides=(), out_dir: str | Path | None = None,
-              arms: list[str] | None = None, splits: int | None = None) -> Path:
+              arms: list[str] | None = None, splits: int | None = None,
+              strict: bool = False) -> Path:
     """Runs every arm on every split and writes the report; returns report.md's path.
 
     ``arms`` and ``splits`` (the first K splits; split k is the same whatever K) restrict the
     work; runs already finished are reused, so the comparison can be grown call by call.
+    A failed run is reported (in the report and ``<arm>.error.txt``), not fatal: the
+    others still run. With ``strict`` (the command line) the report is written and then
+    `RunsFailed` is raised, so that a failed arm is never a success.
     """
     from tf_explog.builders import cache_dir_for, load_manifest
     from tf_explog.comparison import write_report
@@ -403,8 +408,16 @@ def reproduce(config_path: str | Path, overrides=(), out_dir: str | Path | None 
         forward = forward_seconds_128(out / "runs" / f"split_{split}" / reference)
     split_info = [{"training": len(tr), "test": len(te), "subjects": [e.id for e in te]}
                   for tr, te in splits]
-    return write_report(out, rc, results, failures, label_names, split_info, forward,
-                        machine_description())
+    report = write_report(out, rc, results, failures, label_names, split_info, forward,
+                          machine_description())
+    if strict and failures:
+        (name, k), message = next(iter(failures.items()))
+        raise RunsFailed(
+            f"{len(failures)} of {len(splits) * len(selected)} run(s) failed (first: split "
+            f"{k}, arm {name}: {message.splitlines()[0] if message else ''}); traceback in "
+            f"{out / 'runs' / f'split_{k}' / f'{name}.error.txt'}; report of the others: "
+            f"{report}")
+    return report
 
 
 # --------------------------------------------------------------------------------------

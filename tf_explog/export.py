@@ -52,6 +52,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 from tf_explog.errors import InputError
+from tf_explog.files import remove_stale_temporaries
 from tf_explog.labels import SEGMENTATION
 
 __all__ = [
@@ -176,7 +177,8 @@ def export_saved_model(
                             multiple=multiple)
 
     model_dir.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".tmp-export-", dir=model_dir))
+    remove_stale_temporaries(model_dir)  # left by an export that was killed
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-export-{os.getpid()}-", dir=model_dir))
     try:
         with tempfile.TemporaryDirectory(prefix="tf_explog_meta_") as meta_dir:
             meta_path = Path(meta_dir) / METADATA_FILE

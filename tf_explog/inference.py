@@ -24,6 +24,7 @@ through :class:`tf_explog.runs.Run`.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import math
 import os
@@ -47,6 +48,7 @@ from tf_explog.data.nifti import (
 from tf_explog.data.core import pad_end
 from tf_explog.data.preprocess import Preprocessor, invert_labels, invert_probabilities
 from tf_explog.errors import InputError
+from tf_explog.files import remove_stale_temporaries, temporary_name
 from tf_explog.labels import SEGMENTATION
 
 __all__ = [
@@ -413,6 +415,13 @@ def load_keras_model(path: PathLike) -> keras.Model:
         raise ModelNotFoundError(f"{path}: model file not found")
     if path.suffix != ".keras":
         raise InferenceError(f"{path}: expected a run directory or a .keras model file")
+    import zipfile
+
+    # Keras reports a truncated archive as "File not found": say what it is.
+    if not zipfile.is_zipfile(path):
+        raise InferenceError(f"{path}: could not load the Keras model: not a complete .keras "
+                             "archive (truncated or corrupt, not a readable zip file); use "
+                             "another checkpoint or re-save it")
     try:
         model = keras.saving.load_model(path, compile=False)
     except Exception as exc:  # Keras raises many types for a corrupt archive
@@ -525,6 +534,18 @@ def _to_original_labels(probs, record, preprocessor: Preprocessor, want_probabil
     return labels, canon_probs
 
 
+def _stage(array, volume, path: Path) -> Path:
+    """``save_like`` to a temporary name next to ``path`` (renamed later); an OSError names
+    ``path``, not the temporary file."""
+    tmp = temporary_name(path)
+    try:
+        return save_like(array, volume, tmp)
+    except OSError as err:
+        if err.errno is not None and os.fspath(err.filename or "") == os.fspath(tmp):
+            raise type(err)(err.errno, err.strerror, os.fspath(path)) from err
+        raise
+
+
 def predict_files(
     model: Union[PathLike, keras.Model],
     inputs: PathLike,
@@ -553,7 +574,10 @@ def predict_files(
     the network cannot tell the sides apart once they are one class); ``ids="class"``
     writes the class indices themselves (evaluate those with ``pred_ids="class"``).
 
-    Every input header and every output path is checked before anything is written.
+    Every input header and every output path (none may replace an input or another output)
+    is checked before anything is written, and outputs are renamed into place only once
+    every input was read and segmented: a bad input, a full disk or a kill leaves no new
+    output (and a missing ``output_dir`` is not left behind).
 
     Args:
         model: run directory (``run.json`` + ``checkpoints/best.keras``), ``.keras`` file
@@ -577,7 +601,8 @@ def predict_files(
     Raises:
         ModelNotFoundError / FileNotFoundError: missing model path, run directory or run.json.
         InferenceError / NiftiError (ValueErrors): unreadable model, input that is not a NIfTI,
-            wrong dimensionality or channel count, output that would replace its input.
+            wrong dimensionality or channel count, an output that would replace an input or
+            another input's output.
         FileExistsError: an output exists and ``overwrite`` is false (nothing is written).
     """
     if ids not in ("original", "class"):
@@ -588,6 +613,8 @@ def predict_files(
     output_dir = Path(output_dir)
 
     targets = []
+    inputs_real = {f.resolve() for f in files if f.exists()}
+    claimed: dict = {}  # output path -> the input that writes it
     for f in files:
         _, _, n_channels = canonical_geometry(f)  # header only: wrong dims raise NiftiError here
         if channels is not None and n_channels != channels:
@@ -597,6 +624,14 @@ def predict_files(
         seg, prob = output_paths(f, output_dir)
         if seg.resolve() == f.resolve():
             raise InferenceError(f"{f}: output would replace the input; choose another output_dir")
+        for out in (seg, prob) if save_probabilities else (seg,):
+            if out.resolve() in inputs_real:
+                raise InferenceError(f"{f}: its output {out} would replace the input {out}; "
+                                     "choose another output_dir")
+            if out in claimed:
+                raise InferenceError(f"{f}: its output {out} is also the output of "
+                                     f"{claimed[out]}; rename one of the inputs")
+            claimed[out] = f
         targets.append((f, seg, prob))
     if not overwrite:
         existing = [str(p) for _, seg, prob in targets
@@ -610,23 +645,38 @@ def predict_files(
 
     window = predictor.window if window is None else window
     bar = keras.utils.Progbar(len(targets), unit_name="volume") if progress else None
-    written = []
-    for i, (f, seg, prob) in enumerate(targets):
-        volume = load_volume(f, kind="image")
-        image, _, record = predictor.preprocessor.forward(volume)
-        probs = predict_volume(predictor.model, image, window=window, overlap=overlap, tta=tta,
-                               window_batch=window_batch)
-        names = predictor.label_names
-        if names is not None and probs.shape[-1] != len(names):
-            raise InferenceError(
-                f"{predictor.source}: the model predicts {probs.shape[-1]} labels but run.json "
-                f"lists {len(names)} label names"
-            )
-        labels, canon_probs = _to_original_labels(probs, record, predictor.preprocessor,
-                                                  save_probabilities, ids)
-        written.append(save_like(labels, volume, seg, overwrite=overwrite))
-        if save_probabilities:
-            save_like(canon_probs, volume, prob, overwrite=overwrite)
-        if bar is not None:
-            bar.update(i + 1)
-    return written
+    # Every output is written under a temporary name and renamed into place only once all
+    # inputs were read and segmented: a bad input (or a kill) leaves no output at all.
+    created = not output_dir.exists()
+    output_dir.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(output_dir)  # left by a predict that was killed
+    staged = []
+    try:
+        for i, (f, seg, prob) in enumerate(targets):
+            volume = load_volume(f, kind="image")
+            image, _, record = predictor.preprocessor.forward(volume)
+            probs = predict_volume(predictor.model, image, window=window, overlap=overlap,
+                                   tta=tta, window_batch=window_batch)
+            names = predictor.label_names
+            if names is not None and probs.shape[-1] != len(names):
+                raise InferenceError(
+                    f"{predictor.source}: the model predicts {probs.shape[-1]} labels but "
+                    f"run.json lists {len(names)} label names"
+                )
+            labels, canon_probs = _to_original_labels(probs, record, predictor.preprocessor,
+                                                      save_probabilities, ids)
+            staged.append((_stage(labels, volume, seg), seg))
+            if save_probabilities:
+                staged.append((_stage(canon_probs, volume, prob), prob))
+            if bar is not None:
+                bar.update(i + 1)
+        for tmp, final in staged:
+            os.replace(tmp, final)
+    except BaseException:
+        for tmp, _ in staged:
+            tmp.unlink(missing_ok=True)
+        if created:
+            with contextlib.suppress(OSError):
+                output_dir.rmdir()  # only if still empty
+        raise
+    return [seg for _, seg, _ in targets]

@@ -200,6 +200,8 @@ def load_label_map(path: PathLike) -> LabelMap:
         raw = json.loads(path.read_text(), object_pairs_hook=no_duplicates)
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
         raise LabelError(f"{path}: not a readable JSON label map ({err})") from None
+    except RecursionError:
+        raise LabelError(f"{path}: not a readable JSON label map (nested too deeply)") from None
     return LabelMap(raw, source=str(path))
 
 

@@ -10,19 +10,27 @@ A training run writes everything into ``<runs_dir>/<name>/<timestamp>/``::
     metrics.csv              one row per epoch (training and inference-mode validation)
     history.json             Keras' history of the finished fit
     tensorboard/             event files (scalars, images)
-    backup/                  resume state while the run is unfinished
-    FAILED.json              written when training stopped on NaN/Inf
+    backup/                  resume state while the run is unfinished (epoch-NNNN.weights.h5)
+    FAILED.json              written when training stopped on NaN/Inf or an environment
+                             error (full disk, read-only or unwritable folder); removed
+                             when a resumed run finishes
+    .lock                    held (``fcntl.flock``) by the process training the run
     DONE.json                an experiment's summary of a finished, evaluated run
     test_predictions/        segmentations an experiment made with this run's model
 
 Training creates and writes a run through :class:`Run`; inference, export, evaluation and
 the experiments read it through :class:`Run`. Nothing else spells these names.
 
+One process per run: training holds an exclusive ``flock`` on ``.lock`` (released by the
+operating system when the process ends, however it ends); a second training of the run
+(``--resume``) and ``predict``/``export`` of the run while it trains are refused.
+
 Standard library, NumPy-free and TensorFlow-free.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -50,6 +58,7 @@ BACKUP_DIR = "backup"
 FAILED_FILE = "FAILED.json"
 DONE_FILE = "DONE.json"
 PREDICTIONS_DIR = "test_predictions"
+LOCK_FILE = ".lock"
 
 # A run name is one folder name: letters, digits and . _ - (not "." or ".."), so that a
 # config can never place its run outside runs_dir.
@@ -164,6 +173,8 @@ class Run:
                                    "is missing).") from None
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
             raise RunError(f"{file}: unreadable ({err}).") from None
+        except RecursionError:
+            raise RunError(f"{file}: unreadable (JSON nested too deeply).") from None
         if not isinstance(info, dict):
             raise RunError(f"{file}: expected a JSON object.")
         return info
@@ -196,8 +207,9 @@ class Run:
         """The `tf_explog.data.preprocess.Preprocessor` of the run (label map included)."""
         from tf_explog.data.preprocess import Preprocessor
 
+        entry = self._field("preprocessor", dict)  # an unreadable run.json says so itself
         try:
-            return Preprocessor.from_dict(self._field("preprocessor", dict))
+            return Preprocessor.from_dict(entry)
         except (InputError, KeyError, TypeError) as err:
             raise RunError(f"{self.path / RUN_FILE}: invalid 'preprocessor' entry: "
                            f"{err}") from None
@@ -255,11 +267,12 @@ class Run:
         ``"final"``.
 
         Raises:
-            RunError: the run failed (``FAILED.json``).
+            RunError: the run failed (``FAILED.json``) or is still training.
             RunNotFoundError: no such checkpoint.
         """
         if which not in ("best", "final"):
             raise RunError(f"checkpoint: expected 'best' or 'final', got {which!r}.")
+        self.check_not_in_use()
         self.check_not_failed()
         fields = ["best_checkpoint", "final_model"] if which == "best" else ["final_model"]
         candidates = [self.best_checkpoint if f == "best_checkpoint" else self.final_model
@@ -294,9 +307,85 @@ class Run:
             raise RunError(f"{self.path}: this run finished ({FINAL_MODEL} exists); there is "
                            "nothing to resume. Start a new run with --config.")
 
-    def mark_failed(self, error: str) -> None:
-        """``FAILED.json``: nobody takes this run for a finished one."""
-        write_json(self.failed_file, {"error": str(error)})
+    def mark_failed(self, error: str, kind: str = "non_finite") -> bool:
+        """``FAILED.json``: nobody takes this run for a finished one.
+
+        Args:
+            error: the one-line reason.
+            kind: ``"non_finite"`` (NaN/Inf) or ``"environment"`` (disk full, read-only...).
+
+        Returns:
+            Whether it was written (on a full or read-only disk it may not be).
+        """
+        try:
+            write_json(self.failed_file, {"error": str(error), "kind": kind})
+        except OSError:
+            return False
+        return True
+
+    def clear_failed(self) -> None:
+        """Removes ``FAILED.json`` (a resumed run finished after all)."""
+        self.failed_file.unlink(missing_ok=True)
+
+    # ------------------------------------------------------------------ one process
+
+    @property
+    def lock_file(self) -> Path:
+        return self.path / LOCK_FILE
+
+    @contextlib.contextmanager
+    def lock(self):
+        """Holds the run for this process (training): an exclusive ``flock`` on ``.lock``.
+
+        The operating system releases it when the process ends, even on SIGKILL.
+
+        Raises:
+            RunError: another process holds the run.
+        """
+        import fcntl
+
+        fd = os.open(self.lock_file, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise RunError(f"{self.path}: in use by another process ({self._holder(fd)}); "
+                               "wait for it to finish or stop it first.") from None
+            os.ftruncate(fd, 0)
+            os.write(fd, f"{os.getpid()}\n".encode())
+            yield self
+        finally:
+            os.close(fd)  # releases the lock
+
+    def check_not_in_use(self) -> None:
+        """Raises `RunError` while another process trains this run (reading needs no lock).
+
+        Raises:
+            RunError: a training process holds ``.lock``.
+        """
+        import fcntl
+
+        try:
+            fd = os.open(self.lock_file, os.O_RDONLY)
+        except OSError:  # never locked, or unreadable: nobody we can see trains it
+            return
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise RunError(f"{self.path}: still training ({self._holder(fd)}); wait for "
+                               "it to finish, or use a copy of its checkpoints/best.keras."
+                               ) from None
+        finally:
+            os.close(fd)
+
+    @staticmethod
+    def _holder(fd: int) -> str:
+        with contextlib.suppress(OSError, ValueError):
+            text = os.pread(fd, 32, 0).decode().strip()
+            if text.isdigit():
+                return f"pid {int(text)}"
+        return "pid unknown"
 
     def save_model(self, model, which: str = "final") -> Path:
         """Saves a Keras model as the run's ``"final"`` or ``"best"`` checkpoint, atomically
@@ -317,12 +406,28 @@ class Run:
         """
         import shutil
 
-        started = (self.metrics_csv.exists() or self.backup_dir.exists()
+        started = (self.metrics_csv.exists() or any(self.backup_dir.glob("epoch-*.weights.h5"))
+                   or (self.backup_dir / "latest.weights.h5").exists()
                    or any(self.checkpoints_dir.glob("*.keras")) or self.failed)
         if started or not self.path.is_dir():
             return False
         shutil.rmtree(self.path, ignore_errors=True)
         return True
+
+    def remove_resume_state(self) -> None:
+        """Removes ``backup/`` once the final model is on disk (the run is finished)."""
+        import shutil
+
+        shutil.rmtree(self.backup_dir, ignore_errors=True)
+
+    def remove_stale_temporaries(self) -> list:
+        """Temporary files left in the run by killed writers (see `tf_explog.files`)."""
+        from tf_explog.files import remove_stale_temporaries
+
+        removed = []
+        for folder in (self.path, self.checkpoints_dir, self.backup_dir):
+            removed += remove_stale_temporaries(folder)
+        return removed
 
     def write_history(self, history: dict) -> None:
         write_json(self.history_file, history)

@@ -29,10 +29,13 @@ from pathlib import Path
 import keras
 
 from tf_explog.builders import TrainingSetup, monitor_name
-from tf_explog.callbacks import BestCheckpoint, EpochSummary, MetricsCSV, TimeBudget
+from tf_explog.callbacks import (BestCheckpoint, EpochSummary, MetricsCSV, ResumeState,
+                                 TimeBudget)
 from tf_explog.config import Config, ConfigError
-from tf_explog.errors import NonFiniteError
-from tf_explog.runs import Run
+from tf_explog.errors import EnvironmentFault, InputError, NonFiniteError
+from tf_explog.files import describe_environment_error, environment_error
+from tf_explog.runs import Run, RunError
+
 
 @dataclass
 class TrainResult:
@@ -130,8 +133,8 @@ def standard_callbacks(config: Config, run: Run, sample, label_names, window=Non
 
     monitor = monitor_name(config)
     callbacks = [
-        keras.callbacks.BackupAndRestore(str(run.backup_dir), save_freq="epoch",
-                                         delete_checkpoint=True),
+        # Atomic, keeps the previous state until the new one is complete (not Keras' own).
+        ResumeState(run.backup_dir),
         BestCheckpoint(run.best_checkpoint, monitor=monitor, metrics_csv=run.metrics_csv),
         MetricsCSV(run.metrics_csv),
         TensorBoardSummary(run.tensorboard_dir, label_names, sample,
@@ -161,25 +164,88 @@ def train(config: Config, *, resume: str | Path | None = None, extra_callbacks=(
 
     Args:
         config: a validated `Config` (ignored in favour of the run's own with ``resume``).
-        resume: an existing run directory to continue (BackupAndRestore picks up the last
-            finished epoch, optimizer state included).
+        resume: an existing run directory to continue (`ResumeState` picks up the last
+            complete epoch, optimizer state included). Its ``config.yaml`` must still say
+            what ``run.json`` says.
         extra_callbacks: more Keras callbacks (after the standard ones).
         run_dir: where to write a new run (default: a fresh timestamped directory).
 
+    The run is held by this process (`Run.lock`) while it trains, except with
+    ``train.strategy: multi_worker``.
+
     Returns:
         `TrainResult` with the run directory, the history and the checkpoint paths.
-    """
-    if resume is not None:
-        run = Run.open(resume)
-        run.check_resumable()
-        config = run.config
-    check_backend(config)  # before anything is created on disk
-    check_dtype_policy(config.train.dtype_policy)
-    # Every case of every split is checked here, so bad data never leaves a run directory.
-    setup = TrainingSetup.from_config(config)
-    if resume is None:
-        run = Run.create(config, run_dir)
 
+    Raises:
+        RunError: the run is held by another process, finished, or edited since it started.
+        InputError: no resume state can be read, or it does not fit the model.
+        EnvironmentFault: a full disk, read-only file system or missing permission; the run
+            is removed (no finished epoch) or marked ``FAILED.json`` (resumable).
+        NonFiniteError: training diverged; the run is marked ``FAILED.json``.
+    """
+    # One process per run (multi-worker jobs share a resumed run between their workers).
+    with contextlib.ExitStack() as held:
+        if resume is not None:
+            run = Run.open(resume)
+            run.check_resumable()
+            config = run.config
+            if config.train.strategy != "multi_worker":
+                held.enter_context(run.lock())  # before anything is read or written
+            check_config_file(run, config)
+        check_backend(config)  # before anything is created on disk
+        check_dtype_policy(config.train.dtype_policy)
+        # Every case of every split is checked here, so bad data never leaves a run
+        # directory.
+        setup = TrainingSetup.from_config(config)
+        if resume is None:
+            run = Run.create(config, run_dir)
+            if config.train.strategy != "multi_worker":
+                held.enter_context(run.lock())
+        return _train_locked(config, run, setup, extra_callbacks, fresh=resume is None)
+
+
+def check_config_file(run: Run, config: Config) -> None:
+    """Refuses to resume a run whose ``config.yaml`` no longer says what ``run.json`` says.
+
+    ``--resume`` continues the run as it started (``run.json``); an edited ``config.yaml``
+    would be silently ignored, so the first difference is named instead.
+
+    Raises:
+        RunError: ``config.yaml`` differs from ``run.json`` or is not a valid config.
+    """
+    from tf_explog.config import config_from_dict, read_yaml
+
+    path = run.path / "config.yaml"
+    if not path.is_file():
+        return  # run.json alone describes the run
+    advice = (f"--resume continues the run with the config in run.json; restore "
+              f"{path.name}, or start a new run with --config {path}.")
+    try:
+        edited = config_from_dict(read_yaml(path)).to_dict()
+    except InputError as err:
+        raise RunError(f"{path}: no longer a valid config ({err}); {advice}") from None
+    difference = _first_difference(config.to_dict(), edited)
+    if difference is not None:
+        key, was, now = difference
+        raise RunError(f"{path}: {key} was edited since the run started (run.json: {was!r}, "
+                       f"config.yaml: {now!r}); {advice}")
+
+
+def _first_difference(a, b, prefix: str = ""):
+    """``(dotted key, a's value, b's value)`` of the first difference, or None."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        for key in list(a) + [k for k in b if k not in a]:
+            found = _first_difference(a.get(key), b.get(key), f"{prefix}{key}.")
+            if found is not None:
+                return found
+        return None
+    return None if a == b else (prefix.rstrip("."), a, b)
+
+
+def _train_locked(config: Config, run: Run, setup: TrainingSetup, extra_callbacks,
+                  fresh: bool) -> TrainResult:
+    """`train` once the run is held by this process."""
+    run.remove_stale_temporaries()  # left by a writer that was killed
     keras.utils.set_random_seed(config.seed)
     previous_policy = keras.config.dtype_policy()
     keras.config.set_dtype_policy(config.train.dtype_policy)
@@ -187,22 +253,35 @@ def train(config: Config, *, resume: str | Path | None = None, extra_callbacks=(
         if config.train.strategy == "multi_worker":
             from tf_explog.distributed import train_multi_worker
 
-            history = train_multi_worker(config, run, setup, fresh=resume is None)
+            history = train_multi_worker(config, run, setup, fresh=fresh)
         else:
-            history = _fit(config, run, setup, extra_callbacks, fresh=resume is None)
+            history = _fit(config, run, setup, extra_callbacks, fresh=fresh)
     except NonFiniteError as err:
         # Marked so nobody takes the run for a finished one; best.keras (if any) is from an
         # earlier, finite epoch.
         run.mark_failed(str(err))
         raise NonFiniteError(f"{err} (run directory: {run.path})") from None
+    except OSError as err:
+        if not environment_error(err):
+            raise
+        # A full disk, a read-only or unwritable folder: the user's to fix, not a bug.
+        what = describe_environment_error(err, run.path)
+        if fresh and run.discard_if_empty():
+            raise EnvironmentFault(f"{what}; the run had finished no epoch and was removed "
+                                   "(train again once fixed)") from None
+        marked = run.mark_failed(what, kind="environment")
+        raise EnvironmentFault(f"{what}; training stopped"
+                               f"{', run marked FAILED.json' if marked else ''} (continue "
+                               f"with --resume {run.path} once fixed)") from None
     except BaseException:
         # A run that never finished an epoch holds nothing to resume: leave no empty folder.
         # Later failures keep the resume state (--resume continues at the last epoch).
-        if resume is None:
+        if fresh:
             run.discard_if_empty()
         raise
     finally:
         keras.config.set_dtype_policy(previous_policy)
+    run.clear_failed()  # a resumed run that had failed has finished after all
     return TrainResult(run.path, history, run.best_checkpoint, run.final_model)
 
 
@@ -248,4 +327,6 @@ def _fit(config: Config, run: Run, setup: TrainingSetup, extra_callbacks, fresh:
     if not run.best_checkpoint.exists():  # no validation split: the final model is the best
         run.save_model(model, "best")
     run.write_history(history.history)
+    # Only now: a kill before this point still finds the resume state of the last epoch.
+    run.remove_resume_state()
     return history.history

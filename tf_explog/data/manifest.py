@@ -79,6 +79,15 @@ def _resolve(root: Path, value) -> Path:
     return p if p.is_absolute() else (root / p)
 
 
+def _real(path: Path) -> Path:
+    """``path.resolve()``, or the absolute path when it is a symbolic link loop (which
+    ``resolve`` refuses with RuntimeError): such a file is then reported as unreadable."""
+    try:
+        return path.resolve()
+    except (RuntimeError, OSError):
+        return Path(os.path.abspath(path))
+
+
 def _parse_entries(raw, section: str, root: Path, problems: list, need_label: bool) -> list:
     if raw is None:
         return []
@@ -175,6 +184,8 @@ class Manifest:
                 raw = json.load(f)
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise ManifestError(f"{path}: not valid JSON ({exc})", path) from exc
+        except RecursionError:
+            raise ManifestError(f"{path}: not valid JSON (nested too deeply)", path) from None
         if not isinstance(raw, Mapping):
             raise ManifestError(f"{path}: expected a JSON object at top level", path)
         if not 0.0 <= float(validation_fraction) < 1.0:
@@ -232,6 +243,12 @@ class Manifest:
                 if labels and extra:
                     problems.append(f"{lm_obj.source}: class(es) {extra} are not in the data "
                                     f"set's labels {sorted(labels)}")
+                # A class no original id maps to is an output trained never to fire.
+                unmapped = sorted(set(labels) - set(lm_obj.mapping) - {0})
+                if labels and not extra and unmapped:
+                    problems.append(f"{lm_obj.source}: class(es) {unmapped} of the data set's "
+                                    f"labels list no original ids; map at least one id to "
+                                    "each class, or drop it from 'labels'")
             except ValueError as exc:
                 problems.append(str(exc))
         if problems:
@@ -298,8 +315,8 @@ class Manifest:
         if self.validation is not None:
             if split == "validation":
                 return list(self.validation)
-            held = {e.image.resolve() for e in self.validation}
-            return [e for e in self.training if e.image.resolve() not in held]
+            held = {_real(e.image) for e in self.validation}
+            return [e for e in self.training if _real(e.image) not in held]
         train_idx, val_idx = self._split_indices()
         return [self.training[i] for i in (train_idx if split == "training" else val_idx)]
 
@@ -358,7 +375,7 @@ class Manifest:
                     continue
                 try:
                     st = os.stat(p)
-                    sources.append([str(p.resolve()), st.st_size, st.st_mtime_ns, st.st_ino])
+                    sources.append([str(_real(p)), st.st_size, st.st_mtime_ns, st.st_ino])
                 except OSError:
                     sources.append([str(p), None])
         payload = {"sources": sources, "labels": self.labels, "label_map": self.label_map,
@@ -368,16 +385,16 @@ class Manifest:
     def _validate(self, check_data: bool) -> None:
         problems: list = []
         entries = self._all_entries()
-        held = {e.image.resolve() for e in (self.validation or [])}
+        held = {_real(e.image) for e in (self.validation or [])}
         # Duplicates: a file listed by more than one entry (validation cases may repeat
         # training ones, which then count once).
         uses: dict = {}
         for split, i, e in entries:
-            if split == "training" and e.image.resolve() in held:
+            if split == "training" and _real(e.image) in held:
                 continue
             for role, p in (("image", e.image), ("label", e.label)):
                 if p is not None:
-                    uses.setdefault(p.resolve(), []).append(f"{split}[{i}].{role}")
+                    uses.setdefault(_real(p), []).append(f"{split}[{i}].{role}")
         for p, where in uses.items():
             if len(where) > 1:
                 problems.append(f"{p}: listed {len(where)} times ({', '.join(where)})")
@@ -388,7 +405,11 @@ class Manifest:
         for split, i, e in entries:
             missing = [p for p in (e.image, e.label) if p is not None and not p.is_file()]
             for p in missing:
-                problems.append(f"{p}: file not found ({split}[{i}])")
+                if p.is_symlink() and not p.exists():
+                    problems.append(f"{p}: a symbolic link that loops or points to a missing "
+                                    f"file ({split}[{i}])")
+                else:
+                    problems.append(f"{p}: file not found ({split}[{i}])")
             if missing:
                 continue
             try:
@@ -402,6 +423,11 @@ class Manifest:
                     "expected 3D or 4D"
                 )
                 continue
+            if len(img_shape) == 3 and len(self.modality or ()) > 1:
+                problems.append(
+                    f"{e.image}: a 3D image (one channel) but 'modality' lists "
+                    f"{len(self.modality)} channels"
+                )
             if len(img_shape) == 4 and self.modality and img_shape[3] != len(self.modality):
                 problems.append(
                     f"{e.image}: {img_shape[3]} channels but 'modality' lists {len(self.modality)}"

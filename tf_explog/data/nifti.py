@@ -115,8 +115,10 @@ def list_nifti_files(directory: PathLike, what: str = "input") -> list:
     directory = Path(directory)
     if not directory.is_dir():
         raise NiftiFileNotFoundError(f"{directory}: {what} directory not found")
+    # A link that loops or points nowhere is listed (and refused when read), not skipped.
     files = sorted(p for p in directory.iterdir()
-                   if p.is_file() and nifti_stem(p.name) and not p.name.startswith("."))
+                   if (p.is_file() or (p.is_symlink() and not p.exists()))
+                   and nifti_stem(p.name) and not p.name.startswith("."))
     if not files:
         raise NiftiError(f"{directory}: no .nii or .nii.gz files in the {what} directory")
     return files
@@ -157,6 +159,9 @@ def _load_image(path: PathLike):
     """nib.load with every failure turned into a NiftiError naming the file."""
     p = os.fspath(path)
     if not os.path.exists(p):
+        if os.path.islink(p):  # exists() follows links: a loop or a dangling link
+            raise NiftiError(f"{p}: a symbolic link that loops or points to a missing file "
+                             f"({os.readlink(p)})")
         raise NiftiFileNotFoundError(f"{p}: file not found")
     if os.path.isdir(p):
         raise NiftiError(f"{p}: is a directory, expected a .nii or .nii.gz file")
@@ -166,7 +171,27 @@ def _load_image(path: PathLike):
         raise NiftiError(f"{p}: cannot read NIfTI header ({type(exc).__name__}: {exc})") from exc
     if not hasattr(img, "affine") or img.affine is None:
         raise NiftiError(f"{p}: not a spatial image with an affine")
+    check_affine(img.affine, p)
     return img
+
+
+def check_affine(affine, path: PathLike) -> None:
+    """Refuses an affine that cannot place voxels in space: NaN/Inf entries, or a singular
+    3x3 part (a zero or repeated column), which reorientation and resampling cannot use.
+
+    Raises:
+        NiftiError: naming the file and what is wrong.
+    """
+    matrix = np.asarray(affine, dtype=np.float64)
+    if not np.all(np.isfinite(matrix)):
+        raise NiftiError(f"{os.fspath(path)}: the header's affine (sform/qform) holds NaN or "
+                         "Inf; fix the header (e.g. set sform_code/qform_code to a valid one)")
+    lengths = np.linalg.norm(matrix[:3, :3], axis=0)
+    det = abs(float(np.linalg.det(matrix[:3, :3])))
+    if np.any(lengths == 0) or det <= 1e-12 * float(np.prod(lengths)):
+        raise NiftiError(f"{os.fspath(path)}: the header's affine (sform/qform) is singular "
+                         f"(voxel axes of length {np.round(lengths, 6).tolist()} mm, "
+                         "determinant 0); fix the header")
 
 
 def read_header(path: PathLike) -> tuple:
