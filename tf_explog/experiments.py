@@ -266,7 +266,7 @@ def run_arm(config, run_dir: Path, test_entries, label_names, label_map=None,
                                                           "dice_mean_with_background")},
         "history": {"epoch": [r["epoch"] for r in rows],
                     "loss": [r.get("loss", math.nan) for r in rows],
-                    "val_epochs": [r["epoch"] + 1 for r in validated],
+                    "val_epochs": [r["epoch"] for r in validated],  # numbered from 1
                     "val_dice": [r["val_dice"] for r in validated]},
         "train_seconds": train_seconds,
         "epochs": len(rows),  # fewer than train.epochs when train.time_budget_s stopped it
