@@ -6,7 +6,7 @@ Only ``pipeline`` needs TensorFlow; it is imported lazily so the rest works with
 import importlib
 
 _SUBMODULES = {"nifti", "preprocess", "synthetic", "manifest", "cache", "pipeline", "pydataset",
-               "core", "sampling"}
+               "core", "sampling", "layout"}
 _LAZY = {
     "split_volumes": "core",
     "clean_batches": "core",
@@ -21,6 +21,8 @@ _LAZY = {
     "save_like": "nifti",
     "label_frequencies": "manifest",
     "generate_dataset": "synthetic",
+    "init_dataset": "layout",
+    "check_dataset": "layout",
 }
 
 
