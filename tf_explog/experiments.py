@@ -370,6 +370,18 @@ def reproduce(config_path: str | Path, overrides=(), out_dir: str | Path | None 
 # make demo
 # --------------------------------------------------------------------------------------
 
+def _cli_prefix() -> str:
+    """How to call ``tf-explog`` from a new shell: ``tf-explog`` when it is on the PATH (an
+    activated venv), else the full path of the one next to this Python (``.venv/bin/...``)."""
+    script = Path(sys.executable).parent / "tf-explog"
+    if shutil.which("tf-explog") == str(script) or not script.exists():
+        return "tf-explog"
+    try:
+        return str(script.relative_to(Path.cwd()))
+    except ValueError:
+        return str(script)
+
+
 def demo(tiny: bool = False, root: str | Path | None = None) -> dict:
     """The main job on an embedded default: synthesise, train, evaluate, export.
 
@@ -379,7 +391,7 @@ def demo(tiny: bool = False, root: str | Path | None = None) -> dict:
     ``data/demo*``, ``runs/``, ``reports/``, ``saved_models/``.
     """
     from tf_explog.data.synthetic import generate_dataset
-    from tf_explog.evaluation import format_report
+    from tf_explog.evaluation import write_evaluation
     from tf_explog.training import train
 
     root = Path(root) if root else Path.cwd()
@@ -419,9 +431,18 @@ def demo(tiny: bool = False, root: str | Path | None = None) -> dict:
                                             label_map=manifest.label_map,
                                             unknown_labels=manifest.unknown_labels)
     report_dir = root / "reports" / result.run_dir.parent.name / result.run_dir.name
-    report_dir.mkdir(parents=True, exist_ok=True)
+    # The full evaluation, as `tf-explog evaluate` writes it, naming what it evaluated.
+    checkpoint = Run.open(result.run_dir).checkpoint("best")
+    info = Run.open(result.run_dir).info
+    best = info.get("best") or {}
+    source = (f"Evaluated checkpoint: `{checkpoint}`"
+              + (f" (best {best['monitor']} {best['value']:.4f} at epoch {best['epoch']} of "
+                 f"{info.get('epochs_trained')})" if best else "")
+              + f", on the {len(manifest.entries('test'))} test subject(s) of "
+              f"`{manifest.path}`; predictions in `{Run.open(result.run_dir).predictions_dir}`.")
+    write_evaluation(evaluation, report_dir, title=f"Demo: {config.name}", source=source,
+                     overwrite=True)
     report = report_dir / "report.md"
-    atomic_write(report, format_report(evaluation, title=f"Demo: {config.name}"))
 
     if keras.backend.backend() == "tensorflow":
         from tf_explog.export import export_saved_model
@@ -439,10 +460,11 @@ def demo(tiny: bool = False, root: str | Path | None = None) -> dict:
     print("\n[demo] done in {:.0f} s".format(elapsed))
     print(f"  mean test Dice:  {overall.get('dice_mean', float('nan')):.3f}")
     print(f"  run directory:   {result.run_dir}")
-    print(f"  TensorBoard:     tensorboard --logdir {result.run_dir / 'tensorboard'}")
-    print(f"  evaluation:      {report}")
+    tensorboard = _cli_prefix().replace("tf-explog", "tensorboard")
+    print(f"  TensorBoard:     {tensorboard} --logdir {result.run_dir / 'tensorboard'}")
+    print(f"  evaluation:      {report} (+ metrics.csv, summary.csv, dice_boxplot.png)")
     print(f"  SavedModel:      {exported or 'not exported (needs TensorFlow)'}")
-    print(f"  segment scans:   tf-explog predict --model {result.run_dir} --input FILE_OR_DIR "
-          "--output DIR")
+    print(f"  segment scans:   {_cli_prefix()} predict --model {result.run_dir} "
+          "--input FILE_OR_DIR --output DIR")
     return {"run_dir": result.run_dir, "report": report, "saved_model": exported,
             "evaluation": evaluation, "seconds": elapsed}
