@@ -48,6 +48,11 @@ setup(
             "tensorflow-serving-api",
         ],
         "jax": ["jax"],
+        # GPUs (Linux, NVIDIA driver installed): CUDA and cuDNN come as pip wheels.
+        "gpu": ["tensorflow[and-cuda]>=2.21"],
+        "jax-gpu": ["jax[cuda12]"],
+        # Opens examples/quickstart.ipynb (`make notebook`).
+        "notebook": ["notebook", "ipykernel"],
         "serving": ["tensorflow-serving-api"],
     },
     entry_points={"console_scripts": ["tf-explog=tf_explog.cli:main"]},
