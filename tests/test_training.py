@@ -365,8 +365,11 @@ def test_multi_worker_two_local_processes(dataset, tmp_path):
     assert "val_dice_small" in history
     chief = tmp_path / "run0"
     assert (chief / "checkpoints" / "best.keras").is_file()
-    assert (chief / "metrics.csv").is_file()
+    assert [int(r["epoch"]) for r in csv.DictReader((chief / "metrics.csv").open())] == [1, 2]
     assert list((chief / "tensorboard").rglob("events.out.tfevents.*"))
+    info = json.loads((chief / "run.json").read_text())
+    assert info["status"] == "finished" and info["epochs_trained"] == 2
+    assert info["environment"]["backend"] == "tensorflow" and info["best"]["epoch"] in (1, 2)
 
 
 class _FakeModel:
