@@ -102,3 +102,25 @@ def test_device_description_names_the_gpu_or_the_cpu():
     assert device_description(["NVIDIA H100 80GB HBM3"]) == "GPU: NVIDIA H100 80GB HBM3"
     assert device_description(["A", "A"]) == "2x GPU: A"
     assert device_description([]).startswith("CPU: ")
+
+
+def test_tool_command_is_the_venv_path_unless_the_venv_is_active(tmp_path, monkeypatch):
+    import sys
+
+    from tf_explog.environment import tool_command
+
+    bindir = tmp_path / ".venv" / "bin"
+    bindir.mkdir(parents=True)
+    (bindir / "tf-explog").write_text("#!/bin/sh\n")
+    (bindir / "tf-explog").chmod(0o755)
+    monkeypatch.setattr(sys, "executable", str(bindir / "python"))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("PATH", "/usr/bin:/bin")
+    assert tool_command("tf-explog") == ".venv/bin/tf-explog"  # a new shell: call it by path
+    monkeypatch.setenv("PATH", f"{bindir}:/usr/bin:/bin")
+    assert tool_command("tf-explog") == "tf-explog"  # the venv is active
+    assert tool_command("not-installed") == "not-installed"
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    monkeypatch.setenv("PATH", "/usr/bin:/bin")
+    assert tool_command("tf-explog") == str(bindir / "tf-explog")  # not below: absolute

@@ -99,7 +99,9 @@ def cmd_train(args) -> int:
         result = train(load_config(args.config, train_overrides(args)))
     print(f"run directory: {result.run_dir}")
     print(f"best checkpoint: {result.best_checkpoint}")
-    print(f"TensorBoard: tensorboard --logdir {result.run_dir / 'tensorboard'}")
+    from tf_explog.environment import tool_command
+
+    print(f"TensorBoard: {tool_command('tensorboard')} --logdir {result.run_dir / 'tensorboard'}")
     return 0
 
 

@@ -51,8 +51,7 @@ def train_multi_worker(config, run: Run, setup, fresh: bool = True) -> dict:
     work = run if chief else Run(Path(tempfile.mkdtemp(prefix="tf_explog_worker_")))
 
     if chief and fresh:
-        from tf_explog.environment import environment
-        from tf_explog.training import command_line
+        from tf_explog.environment import command_line, environment
 
         run.write_info(config, setup.label_names, setup.num_channels, setup.preprocessor,
                        environment(), command_line())

@@ -3,6 +3,7 @@
 - :func:`device_description` names what the Keras backend trains on ("GPU: NVIDIA H100 80GB
   HBM3" or "CPU: AMD EPYC 7B13, 2 cores"), for the run's first console line and ``run.json``.
 - :func:`environment` adds the versions of the package, Keras, the backend, NumPy and Python.
+- :func:`command_line` is the command that started the process, as one shell line.
 
 TensorFlow or JAX is imported only when it is the Keras backend (the backend has loaded it
 anyway); nothing here fails when a library is absent: it says "not installed".
@@ -12,12 +13,15 @@ from __future__ import annotations
 
 import os
 import platform
+import shlex
+import shutil
 import sys
+from pathlib import Path
 from typing import Optional
 
 import keras
 
-__all__ = ["cpu_name", "device_description", "environment"]
+__all__ = ["command_line", "cpu_name", "device_description", "environment", "tool_command"]
 
 
 def cpu_name() -> str:
@@ -93,3 +97,27 @@ def environment() -> dict:
         "device": device_description(),
         "executable": sys.executable,
     }
+
+
+def command_line(argv=None) -> str:
+    """The command that started this process, as one shell line (``tf-explog train ...``)."""
+    argv = list(sys.argv if argv is None else argv)
+    if argv and argv[0].endswith(("cli.py", "__main__.py")):
+        argv[0] = "tf-explog"
+    elif argv:
+        argv[0] = Path(argv[0]).name
+    return " ".join(shlex.quote(str(a)) for a in argv)
+
+
+def tool_command(name: str) -> str:
+    """How to call a tool of this environment (``tf-explog``, ``tensorboard``) from a new
+    shell: ``name`` when that is what the PATH finds (an activated venv), else the path of
+    the one beside this Python (``.venv/bin/name``, relative to the working directory when
+    below it)."""
+    script = Path(sys.executable).parent / name
+    if not script.exists() or shutil.which(name) == str(script):
+        return name
+    try:
+        return str(script.relative_to(Path.cwd()))
+    except ValueError:
+        return str(script)

@@ -370,18 +370,6 @@ def reproduce(config_path: str | Path, overrides=(), out_dir: str | Path | None 
 # make demo
 # --------------------------------------------------------------------------------------
 
-def _cli_prefix() -> str:
-    """How to call ``tf-explog`` from a new shell: ``tf-explog`` when it is on the PATH (an
-    activated venv), else the full path of the one next to this Python (``.venv/bin/...``)."""
-    script = Path(sys.executable).parent / "tf-explog"
-    if shutil.which("tf-explog") == str(script) or not script.exists():
-        return "tf-explog"
-    try:
-        return str(script.relative_to(Path.cwd()))
-    except ValueError:
-        return str(script)
-
-
 def demo(tiny: bool = False, root: str | Path | None = None) -> dict:
     """The main job on an embedded default: synthesise, train, evaluate, export.
 
@@ -391,6 +379,7 @@ def demo(tiny: bool = False, root: str | Path | None = None) -> dict:
     ``data/demo*``, ``runs/``, ``reports/``, ``saved_models/``.
     """
     from tf_explog.data.synthetic import generate_dataset
+    from tf_explog.environment import tool_command
     from tf_explog.evaluation import write_evaluation
     from tf_explog.training import train
 
@@ -460,11 +449,11 @@ def demo(tiny: bool = False, root: str | Path | None = None) -> dict:
     print("\n[demo] done in {:.0f} s".format(elapsed))
     print(f"  mean test Dice:  {overall.get('dice_mean', float('nan')):.3f}")
     print(f"  run directory:   {result.run_dir}")
-    tensorboard = _cli_prefix().replace("tf-explog", "tensorboard")
-    print(f"  TensorBoard:     {tensorboard} --logdir {result.run_dir / 'tensorboard'}")
+    print(f"  TensorBoard:     {tool_command('tensorboard')} --logdir "
+          f"{result.run_dir / 'tensorboard'}")
     print(f"  evaluation:      {report} (+ metrics.csv, summary.csv, dice_boxplot.png)")
     print(f"  SavedModel:      {exported or 'not exported (needs TensorFlow)'}")
-    print(f"  segment scans:   {_cli_prefix()} predict --model {result.run_dir} "
+    print(f"  segment scans:   {tool_command('tf-explog')} predict --model {result.run_dir} "
           "--input FILE_OR_DIR --output DIR")
     return {"run_dir": result.run_dir, "report": report, "saved_model": exported,
             "evaluation": evaluation, "seconds": elapsed}

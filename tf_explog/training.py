@@ -23,8 +23,6 @@ TensorFlow is imported only on the TensorFlow backend.
 from __future__ import annotations
 
 import contextlib
-import shlex
-import sys
 import time
 from dataclasses import dataclass
 from datetime import datetime
@@ -35,7 +33,7 @@ import keras
 from tf_explog.builders import TrainingSetup, monitor_name
 from tf_explog.callbacks import BestCheckpoint, EpochSummary, MetricsCSV, TimeBudget
 from tf_explog.config import Config, ConfigError
-from tf_explog.environment import device_description, environment
+from tf_explog.environment import command_line, device_description, environment
 from tf_explog.errors import NonFiniteError
 from tf_explog.runs import Run
 
@@ -158,16 +156,6 @@ def first_sample(*volume_sets):
 # --------------------------------------------------------------------------------------
 # The run's record
 # --------------------------------------------------------------------------------------
-
-
-def command_line(argv=None) -> str:
-    """The command that started this process, as one shell line (``tf-explog train ...``)."""
-    argv = list(sys.argv if argv is None else argv)
-    if argv and argv[0].endswith(("cli.py", "__main__.py")):
-        argv[0] = "tf-explog"
-    elif argv:
-        argv[0] = Path(argv[0]).name
-    return " ".join(shlex.quote(str(a)) for a in argv)
 
 
 def run_results(rows: list, monitor: str) -> dict:
