@@ -1,27 +1,43 @@
 # Every target creates .venv when it is missing, so a clean clone needs nothing else.
+# `make demo` installs what the demo needs (the package: TensorFlow, Keras, TensorBoard, ...);
+# `make test` adds the test extra (pytest, JAX on CPU, the notebook runner, the gRPC client);
+# `make notebook` adds Jupyter and opens examples/quickstart.ipynb.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
-STAMP := $(VENV)/.installed
+BASE := $(VENV)/.installed-base
+TEST := $(VENV)/.installed-test
+NOTEBOOK := $(VENV)/.installed-notebook
 
-.PHONY: test demo bench venv clean
+.PHONY: test demo notebook bench venv clean
 
-venv: $(STAMP)
+venv: $(BASE)
 
-$(STAMP): setup.py
+$(BASE): setup.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e ".[test]"
-	touch $(STAMP)
+	$(PY) -m pip install -q -e .
+	touch $(BASE)
 
-test: $(STAMP)
+$(TEST): $(BASE)
+	$(PY) -m pip install -q -e ".[test]"
+	touch $(TEST)
+
+$(NOTEBOOK): $(BASE)
+	$(PY) -m pip install -q -e ".[notebook]"
+	touch $(NOTEBOOK)
+
+test: $(TEST)
 	$(PY) -m pytest -q tests
 
-demo: $(STAMP)
+demo: $(BASE)
 	$(PY) -m tf_explog.cli demo
 
+notebook: $(NOTEBOOK)
+	$(VENV)/bin/jupyter notebook examples/quickstart.ipynb
+
 # Benchmarks print figures (never pass/fail on time); bench/train_jax.py is run by hand.
-bench: $(STAMP)
+bench: $(TEST)
 	$(PY) bench/train_step.py
 	$(PY) bench/pipeline.py
 	$(PY) bench/fullres.py

@@ -50,6 +50,12 @@ setup(
             "tensorflow-serving-api",
         ],
         "jax": ["jax"],
+        # GPUs (Linux, NVIDIA driver installed): CUDA and cuDNN come as pip wheels.
+        "gpu": ["tensorflow[and-cuda]>=2.21"],
+        "jax-gpu": ["jax[cuda12]"],
+        "jax-cuda13": ["jax[cuda13]"],
+        # Opens examples/quickstart.ipynb (`make notebook`).
+        "notebook": ["notebook", "ipykernel"],
         "serving": ["tensorflow-serving-api"],
     },
     entry_points={"console_scripts": ["tf-explog=tf_explog.cli:main"]},

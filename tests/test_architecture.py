@@ -17,6 +17,7 @@ TENSORFLOW_FREE = [
     "tf_explog.callbacks", "tf_explog.inference", "tf_explog.evaluation", "tf_explog.plots",
     "tf_explog.comparison", "tf_explog.experiments", "tf_explog.cli", "tf_explog.serving",
     "tf_explog.console", "tf_explog.summaries", "tf_explog.training", "tf_explog.folding",
+    "tf_explog.environment", "tf_explog.data.layout",
     "tf_explog.data.nifti", "tf_explog.data.manifest", "tf_explog.data.preprocess",
     "tf_explog.data.cache", "tf_explog.data.core", "tf_explog.data.sampling",
     "tf_explog.data.pydataset", "tf_explog.data.synthetic",

@@ -164,4 +164,22 @@ def test_demo_tiny_end_to_end_from_a_non_editable_install(tmp_path):
     (run_dir,) = (work / "runs" / "demo_tiny").iterdir()
     assert list((run_dir / "test_predictions").glob("*.nii.gz"))
     assert list((work / "saved_models" / "demo_tiny").glob("*/saved_model.pb"))
-    assert list((work / "reports").rglob("report.md"))
+    # the run records itself: versions, device and results; epochs numbered from 1
+    info = json.loads((run_dir / "run.json").read_text())
+    env = info["environment"]
+    for key in ("tf_explog", "keras", "backend", "backend_version", "numpy", "device"):
+        assert env[key] and env[key] != "not installed", (key, env)
+    assert info["status"] == "finished" and info["epochs_trained"] == 1
+    assert info["best"]["epoch"] == 1 and 0.0 <= info["best"]["value"] <= 1.0
+    assert info["duration_s"] > 0 and "val_dice" in info["final_metrics"]
+    assert (run_dir / "metrics.csv").read_text().splitlines()[1].startswith("1,")
+    # the full evaluation, naming the checkpoint it evaluated
+    (report,) = (work / "reports").rglob("report.md")
+    for name in ("metrics.csv", "summary.csv", "dice_boxplot.png"):
+        assert (report.parent / name).is_file(), name
+    assert (report.parent / "dice_boxplot.png").read_bytes()[:4] == b"\x89PNG"
+    assert f"Evaluated checkpoint: `{run_dir / 'checkpoints' / 'best.keras'}`" in (
+        report.read_text())
+    # the run's first line names the device it trains on
+    first = next(line for line in result.stdout.splitlines() if line.startswith("[tf_explog] run"))
+    assert 'device="CPU: ' in first or 'device="GPU: ' in first, first

@@ -14,7 +14,7 @@ import tensorflow as tf
 from tf_explog import losses
 
 # ----------------------------------------------------------------------------------------
-# Independent float64 reference (written from PAPER.md §1, shares no code with the package)
+# Independent float64 reference (written from docs/paper.md §1, shares no code with the package)
 # ----------------------------------------------------------------------------------------
 
 

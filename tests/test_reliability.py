@@ -499,7 +499,8 @@ def test_checkpoints_are_written_atomically_and_resume_keeps_the_best(base, tmp_
     assert best.read_bytes() == before and not list(tmp_path.glob(".best.keras.*"))
 
     csv_path = tmp_path / "metrics.csv"
-    write_metrics_csv(csv_path, [{"epoch": 0, "val_dice": 0.8}, {"epoch": 1, "val_dice": 0.5}])
+    # rows numbered from 1: epochs 1 and 2 finished, Keras resumes at its epoch index 2
+    write_metrics_csv(csv_path, [{"epoch": 1, "val_dice": 0.8}, {"epoch": 2, "val_dice": 0.5}])
     callback = BestCheckpoint(best, monitor="val_dice", metrics_csv=csv_path)
     callback.set_model(model)
     callback.on_epoch_begin(2)  # resumed at epoch 2: the best so far is 0.8
@@ -801,3 +802,34 @@ def test_environment_errors_are_recognised_without_errno():
     assert not environment_error(OSError("bad object header version number"))
     assert not environment_error(FileNotFoundError(2, "No such file or directory", "x"))
     assert not environment_error(ValueError("No space left on device"))
+
+
+def test_metrics_csv_resume_numbers_epochs_from_1_and_reads_older_runs(tmp_path):
+    """A resumed MetricsCSV keeps the finished epochs' rows and drops the cut one; a file of
+    an older run (numbered from 0) is read shifted, so its resume and best value still work."""
+    import keras
+
+    from tf_explog.callbacks import BestCheckpoint, MetricsCSV, read_metrics_csv, \
+        write_metrics_csv
+
+    path = tmp_path / "metrics.csv"
+    # epochs 1, 2 finished; epoch 3 was written, then the process died before its backup
+    write_metrics_csv(path, [{"epoch": 1, "loss": 3.0}, {"epoch": 2, "loss": 2.0},
+                             {"epoch": 3, "loss": 9.0}])
+    callback = MetricsCSV(path)
+    callback.on_epoch_begin(2)  # Keras' index of the third epoch
+    callback.on_epoch_end(2, {"loss": 1.5})
+    rows = read_metrics_csv(path)
+    assert [(r["epoch"], r["loss"]) for r in rows] == [(1, 3.0), (2, 2.0), (3, 1.5)]
+
+    legacy = tmp_path / "legacy.csv"
+    legacy.write_text("epoch,val_dice\n0,0.7\n1,0.9\n2,0.4\n")
+    assert [r["epoch"] for r in read_metrics_csv(legacy)] == [1, 2, 3]
+    best = tmp_path / "best.keras"
+    keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)]).save(str(best))
+    checkpoint = BestCheckpoint(best, monitor="val_dice", metrics_csv=legacy)
+    checkpoint.on_epoch_begin(2)  # epochs 1 and 2 (written 0 and 1) finished
+    assert checkpoint.best == 0.9
+    checkpoint = BestCheckpoint(best, monitor="val_dice", metrics_csv=legacy)
+    checkpoint.on_epoch_begin(1)  # only epoch 1 counts
+    assert checkpoint.best == 0.7

@@ -77,3 +77,50 @@ def test_bad_run_directories_name_the_file(tmp_path):
         Run.open(broken).label_names
     with pytest.raises(RunError, match="missing the 'preprocessor' entry"):
         Run.open(broken).preprocessor
+
+
+def test_run_results_pick_the_first_best_epoch_and_the_last_row():
+    from tf_explog.training import run_results
+
+    rows = [{"epoch": 1, "val_dice": 0.5, "loss": 2.0},
+            {"epoch": 2, "val_dice": float("nan"), "loss": 1.0},
+            {"epoch": 3, "val_dice": 0.7, "loss": 1.5},
+            {"epoch": 4, "val_dice": 0.7, "loss": 0.5},
+            {"epoch": 5, "loss": 0.4}]
+    found = run_results(rows, "val_dice")
+    assert found["best"] == {"monitor": "val_dice", "epoch": 3, "value": 0.7}
+    assert found["epochs_trained"] == 5 and found["final_metrics"] == rows[-1]
+    assert run_results(rows, "val_loss")["best"] is None
+    assert run_results(rows, "loss")["best"]["epoch"] == 5  # lower is better for a loss
+    assert run_results([], "val_dice") == {"epochs_trained": 0, "best": None,
+                                           "final_metrics": {}}
+
+
+def test_device_description_names_the_gpu_or_the_cpu():
+    from tf_explog.environment import device_description
+
+    assert device_description(["NVIDIA H100 80GB HBM3"]) == "GPU: NVIDIA H100 80GB HBM3"
+    assert device_description(["A", "A"]) == "2x GPU: A"
+    assert device_description([]).startswith("CPU: ")
+
+
+def test_tool_command_is_the_venv_path_unless_the_venv_is_active(tmp_path, monkeypatch):
+    import sys
+
+    from tf_explog.environment import tool_command
+
+    bindir = tmp_path / ".venv" / "bin"
+    bindir.mkdir(parents=True)
+    (bindir / "tf-explog").write_text("#!/bin/sh\n")
+    (bindir / "tf-explog").chmod(0o755)
+    monkeypatch.setattr(sys, "executable", str(bindir / "python"))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("PATH", "/usr/bin:/bin")
+    assert tool_command("tf-explog") == ".venv/bin/tf-explog"  # a new shell: call it by path
+    monkeypatch.setenv("PATH", f"{bindir}:/usr/bin:/bin")
+    assert tool_command("tf-explog") == "tf-explog"  # the venv is active
+    assert tool_command("not-installed") == "not-installed"
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    monkeypatch.setenv("PATH", "/usr/bin:/bin")
+    assert tool_command("tf-explog") == str(bindir / "tf-explog")  # not below: absolute

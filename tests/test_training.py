@@ -110,8 +110,22 @@ def test_run_directory_contents(trained):
         assert path.is_file(), path
     with open(run / "metrics.csv") as f:
         rows = list(csv.DictReader(f))
-    assert [int(r["epoch"]) for r in rows] == list(range(6))
+    # numbered from 1, as on the console and in TensorBoard
+    assert [int(r["epoch"]) for r in rows] == list(range(1, 7))
     assert {"val_dice_small", "dice_term", "cross_term", "epoch_seconds"} <= set(rows[0])
+    # the run records itself: versions, device, command, and what it found
+    env = info["environment"]
+    assert env["keras"] == keras.__version__ and env["numpy"] == np.__version__
+    assert env["backend"] == keras.backend.backend() and env["tf_explog"]
+    assert env["device"].startswith(("CPU:", "GPU:")) and info["command"]
+    assert info["status"] == "finished" and info["epochs_trained"] == 6
+    assert info["duration_s"] > 0
+    val = [float(r["val_dice"]) for r in rows]
+    assert info["best"]["monitor"] == "val_dice"
+    assert info["best"]["value"] == pytest.approx(max(val))
+    assert info["best"]["epoch"] == 1 + val.index(max(val))
+    assert info["final_metrics"]["epoch"] == 6
+    assert info["final_metrics"]["val_dice"] == pytest.approx(val[-1])
     model = keras.saving.load_model(trained.best_checkpoint)
     assert model.output_shape == (None, None, None, None, 3)
 
@@ -133,6 +147,19 @@ def test_tensorboard_has_grouped_tags_images_and_hparams(trained):
     assert images == ["tensorboard/dice_by_structure/chart",
                       "tensorboard/overlays/middle_slices"], images
     assert all(len(scalars[t]) == 2 for t in images)
+    # steps are epochs numbered from 1 (as metrics.csv and the console); an image tag's
+    # caption is the same at every step (TensorBoard shows the first one for all of them)
+    steps, captions = {}, {}
+    for path in (trained.run_dir / "tensorboard").rglob("events.out.tfevents.*"):
+        for event in tf.compat.v1.train.summary_iterator(str(path)):
+            for value in event.summary.value:
+                steps.setdefault(value.tag, []).append(event.step)
+                if value.HasField("image"):
+                    captions.setdefault(value.tag, set()).add(value.metadata.summary_description)
+    assert sorted(steps["dice/validation"]) == [1, 2, 3, 4, 5, 6]
+    assert sorted(steps["overlays/middle_slices"]) == [3, 6]
+    assert all(len(c) == 1 for c in captions.values()), captions
+    assert not any("epoch 3" in c.lower() for cs in captions.values() for c in cs)
     # HParams: the run's settings, for comparing runs (reproduce arms) side by side
     plugins = set()
     for path in (trained.run_dir / "tensorboard").glob("events.out.tfevents.*"):
@@ -185,7 +212,10 @@ def test_resume_after_interruption(dataset, tmp_path):
     assert seen["epochs"] == [2, 3]
     assert seen["iterations"] == 2 * 2
     with open(run_dir / "metrics.csv") as f:
-        assert [int(r["epoch"]) for r in csv.DictReader(f)] == [0, 1, 2, 3]
+        assert [int(r["epoch"]) for r in csv.DictReader(f)] == [1, 2, 3, 4]
+    info = json.loads((run_dir / "run.json").read_text())
+    assert info["status"] == "finished" and info["epochs_trained"] == 4
+    assert len(info["resumed"]) == 1 and info["resumed"][0]["environment"]["keras"]
     assert int(keras.saving.load_model(result.final_model).optimizer.iterations) == 4 * 2
 
 
@@ -259,7 +289,9 @@ def test_nan_stops_training_with_one_line_and_a_failure_status(dataset, tmp_path
     assert best.is_file()  # from epoch 1, before the NaN
     assert non_finite_weights(keras.saving.load_model(best, compile=False)) == []
     with open(run / "metrics.csv") as f:
-        assert [int(r["epoch"]) for r in csv.DictReader(f)] == [0]
+        assert [int(r["epoch"]) for r in csv.DictReader(f)] == [1]
+    info = json.loads((run / "run.json").read_text())
+    assert info["status"] == "failed" and info["best"]["epoch"] == 1
     # a failed run is not exported
     assert cli.main(["export", "--run", str(run), "--base", str(tmp_path / "sm")]) == 2
     assert "failed" in capsys.readouterr().err
@@ -333,8 +365,11 @@ def test_multi_worker_two_local_processes(dataset, tmp_path):
     assert "val_dice_small" in history
     chief = tmp_path / "run0"
     assert (chief / "checkpoints" / "best.keras").is_file()
-    assert (chief / "metrics.csv").is_file()
+    assert [int(r["epoch"]) for r in csv.DictReader((chief / "metrics.csv").open())] == [1, 2]
     assert list((chief / "tensorboard").rglob("events.out.tfevents.*"))
+    info = json.loads((chief / "run.json").read_text())
+    assert info["status"] == "finished" and info["epochs_trained"] == 2
+    assert info["environment"]["backend"] == "tensorflow" and info["best"]["epoch"] in (1, 2)
 
 
 class _FakeModel:

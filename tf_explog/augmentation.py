@@ -23,7 +23,7 @@ Conventions (voxel index space, axes 0, 1, 2 = D, H, W; canonical RAS volumes: x
   b = c − M (c + s).
 
 Reference: Wong et al., MICCAI 2018 (augmentation: rotation, shifting, scaling, p = 0.8);
-see PAPER.md §3.
+see docs/paper.md §3.
 """
 
 from __future__ import annotations

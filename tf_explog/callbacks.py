@@ -268,7 +268,13 @@ class InferenceValidation(keras.callbacks.Callback):
 
 
 def read_metrics_csv(path) -> list:
-    """The rows of a metrics CSV as dicts of floats (``epoch`` an int; empty cells absent)."""
+    """The rows of a metrics CSV as dicts of floats (``epoch`` an int; empty cells absent).
+
+    Epochs are numbered from 1, as on the console and in TensorBoard. Files written before
+    that convention numbered them from 0; their first row is epoch 0 (a run's file always
+    starts with its first epoch), and they are read shifted by one, so ``--resume`` and the
+    best-value resume of `BestCheckpoint` work on old runs too.
+    """
     import csv
 
     rows = []
@@ -284,6 +290,9 @@ def read_metrics_csv(path) -> list:
                     continue
             if "epoch" in row:
                 rows.append(row)
+    if rows and rows[0]["epoch"] == 0:  # numbered from 0 (an older run): shift
+        for row in rows:
+            row["epoch"] += 1
     return rows
 
 
@@ -306,6 +315,8 @@ def write_metrics_csv(path, rows: Sequence[dict]) -> None:
 class MetricsCSV(keras.callbacks.Callback):
     """One row per epoch in ``path``, the whole file rewritten atomically at each epoch's end.
 
+    Epochs are numbered from 1 (Keras' epoch index + 1), as on the console and in TensorBoard.
+
     Unlike ``keras.callbacks.CSVLogger`` (which appends in place and fixes its columns at the
     first epoch), a kill leaves the previous complete file, epochs without validation keep
     their columns, and a resumed run first drops the rows of epochs it repeats (the one that
@@ -322,16 +333,17 @@ class MetricsCSV(keras.callbacks.Callback):
             from pathlib import Path
 
             previous = read_metrics_csv(self.path) if Path(self.path).is_file() else []
-            self.rows = [row for row in previous if row["epoch"] < epoch]
+            # Keras' 0-based ``epoch`` is the number of epochs finished before this one.
+            self.rows = [row for row in previous if row["epoch"] <= epoch]
 
     def on_epoch_end(self, epoch, logs=None):
-        row = {"epoch": int(epoch)}
+        row = {"epoch": int(epoch) + 1}
         for key, value in (logs or {}).items():
             try:
                 row[key] = _as_float(value)
             except (TypeError, ValueError, IndexError):
                 continue
-        self.rows = [r for r in (self.rows or []) if r["epoch"] != epoch] + [row]
+        self.rows = [r for r in (self.rows or []) if r["epoch"] != row["epoch"]] + [row]
         write_metrics_csv(self.path, self.rows)
 
 
@@ -381,7 +393,8 @@ class BestCheckpoint(keras.callbacks.Callback):
                 self.path).is_file():
             for row in read_metrics_csv(self.metrics_csv):
                 value = row.get(self.monitor)
-                if row["epoch"] < epoch and value is not None and np.isfinite(value) and (
+                # Rows are numbered from 1: epochs 1..epoch finished before this one.
+                if row["epoch"] <= epoch and value is not None and np.isfinite(value) and (
                         self._better(value)):
                     self.best = float(value)
 

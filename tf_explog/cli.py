@@ -2,11 +2,12 @@
 
     tf-explog synth     --out DIR [--subjects N] [--shape S] [--seed K]
     tf-explog synth     --from-label-maps DIR --out DIR [--label-map FILE] [--subjects N]
-    tf-explog train     --config FILE [--set key=value ...] | --resume RUN_DIR
+    tf-explog dataset   init --images DIR --labels DIR --out dataset.json | check DIR_OR_JSON
+    tf-explog train     --config FILE [--data DATASET] [--set key=value ...] | --resume RUN_DIR
     tf-explog predict   --model PATH --input FILE_OR_DIR --output DIR
     tf-explog evaluate  --pred DIR --truth DIR_OR_DATASET_JSON --out DIR
     tf-explog export    --run RUN_DIR [--name NAME] [--base saved_models]
-    tf-explog reproduce --config FILE
+    tf-explog reproduce --config FILE [--arms A,B] [--splits K]
     tf-explog demo
 
 TensorFlow is imported inside the commands that need it (``import tf_explog`` itself imports
@@ -58,22 +59,69 @@ def cmd_synth(args) -> int:
     return 0
 
 
+def cmd_dataset_init(args) -> int:
+    from tf_explog.data.layout import check_dataset, init_dataset
+
+    names = [n.strip() for n in args.label_names.split(",")] if args.label_names else None
+    raw = init_dataset(args.images, args.labels, args.out, test_images=args.test_images,
+                       label_names=names, modality=args.modality.split(","),
+                       name=args.name, overwrite=args.overwrite)
+    print(f"wrote {check_dataset(args.out, check_data=False).summary()}")
+    if "label_map" in raw:
+        print(f"  label ids {[ids[0] for ids in raw['label_map'].values()]} are not 0..K-1: "
+              "its label_map makes them classes 1..K-1")
+    print("  label names are in its \"labels\" (edit them, or pass --label-names)")
+    return 0
+
+
+def cmd_dataset_check(args) -> int:
+    from tf_explog.data.layout import check_dataset
+    from tf_explog.errors import InputError
+
+    found = check_dataset(args.path, check_data=not args.headers_only)
+    if found.ok:
+        print(f"ok: {found.summary()}")
+        return 0
+    # Every problem on its own line (each names its file), then the one error line.
+    for problem in found.problems:
+        print(problem, file=sys.stderr)
+    n = len(found.problems)
+    raise InputError(f"{found.path}: {n} problem{'s' if n != 1 else ''} (listed above)")
+
+
+def train_overrides(args) -> list:
+    """``--set`` overrides, with ``--data PATH`` as ``data.dataset`` resolved against the
+    current directory (a path given with ``--set`` is relative to the config file)."""
+    overrides = list(args.set)
+    if getattr(args, "data", None):
+        data = os.path.abspath(os.path.expanduser(args.data))
+        if os.path.isdir(data):
+            data = os.path.join(data, "dataset.json")
+        overrides.append(f"data.dataset={data}")
+    return overrides
+
+
 def cmd_train(args) -> int:
     from tf_explog.config import load_config
     from tf_explog.errors import InputError
     from tf_explog.training import train
 
     if args.resume:
-        if args.config or args.set:
-            raise InputError("--resume takes the run's own config; drop --config/--set.")
+        if args.config or args.set or args.data:
+            raise InputError("--resume takes the run's own config; drop --config/--set/--data.")
         result = train(None, resume=args.resume)
     else:
         if not args.config:
             raise InputError("--config FILE (or --resume RUN_DIR) is required.")
-        result = train(load_config(args.config, args.set))
+        if args.data and not os.path.exists(args.data):
+            raise InputError(f"--data {args.data}: no such dataset.json or folder (relative "
+                             f"paths are taken from the current directory, {os.getcwd()}).")
+        result = train(load_config(args.config, train_overrides(args)))
     print(f"run directory: {result.run_dir}")
     print(f"best checkpoint: {result.best_checkpoint}")
-    print(f"TensorBoard: tensorboard --logdir {result.run_dir / 'tensorboard'}")
+    from tf_explog.environment import tool_command
+
+    print(f"TensorBoard: {tool_command('tensorboard')} --logdir {result.run_dir / 'tensorboard'}")
     return 0
 
 
@@ -189,9 +237,35 @@ def build_parser() -> argparse.ArgumentParser:
                    help="processes drawing subjects (default: the CPU count, at most 8)")
     p.set_defaults(func=cmd_synth)
 
+    p = sub.add_parser("dataset", parents=[common],
+                       help="lay out (init) or check a data set in the MSD layout")
+    actions = p.add_subparsers(dest="action", required=True)
+    q = actions.add_parser("init", parents=[common],
+                           help="write dataset.json for a folder of images and one of labels")
+    q.add_argument("--images", required=True, help="folder of training images (NIfTI)")
+    q.add_argument("--labels", required=True, help="folder of their labels, same file names")
+    q.add_argument("--out", required=True, help="the dataset.json to write")
+    q.add_argument("--test-images", default=None, help="folder of unlabelled test images")
+    q.add_argument("--label-names", default=None, metavar="NAMES",
+                   help="comma-separated, background first (default label_<id>)")
+    q.add_argument("--modality", default="image", metavar="NAMES",
+                   help="comma-separated channel names, e.g. T1 or T1,T2 (default: image)")
+    q.add_argument("--name", default=None, help="data set name (default: the folder's)")
+    q.add_argument("--overwrite", action="store_true")
+    q.set_defaults(func=cmd_dataset_init)
+    q = actions.add_parser("check", parents=[common],
+                           help="list every problem of a data set, one line each")
+    q.add_argument("path", metavar="DIR_OR_JSON", help="dataset.json or its folder")
+    q.add_argument("--headers-only", action="store_true",
+                   help="read headers only (faster; finds less)")
+    q.set_defaults(func=cmd_dataset_check)
+
     p = sub.add_parser("train", parents=[common],
                        help="train from a YAML config, or resume a run")
     p.add_argument("--config")
+    p.add_argument("--data", default=None, metavar="DATASET",
+                   help="dataset.json (or its folder) to train on, relative to the current "
+                        "directory; replaces the config's data.dataset")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value, e.g. --set train.epochs=3")
     p.add_argument("--resume", metavar="RUN_DIR")
@@ -282,7 +356,8 @@ def main(argv=None) -> int:
         first, *rest = str(message).strip().splitlines() or [""]
         rest = [line.strip().removeprefix("- ") for line in rest if line.strip()]
         line = first if not rest else f"{first} {'; '.join(rest)}"
-        print(f"tf-explog {args.command}: error: {line}", file=sys.stderr)
+        command = " ".join(filter(None, [args.command, getattr(args, "action", None)]))
+        print(f"tf-explog {command}: error: {line}", file=sys.stderr)
         return status
 
     from tf_explog.console import NativeLogFilter

@@ -51,7 +51,10 @@ def train_multi_worker(config, run: Run, setup, fresh: bool = True) -> dict:
     work = run if chief else Run(Path(tempfile.mkdtemp(prefix="tf_explog_worker_")))
 
     if chief and fresh:
-        run.write_info(config, setup.label_names, setup.num_channels, setup.preprocessor)
+        from tf_explog.environment import command_line, environment
+
+        run.write_info(config, setup.label_names, setup.num_channels, setup.preprocessor,
+                       environment(), command_line())
     class_weights = setup.class_weights
     label_names = setup.label_names
     global_batch = config.train.batch_size
@@ -107,7 +110,7 @@ def train_multi_worker(config, run: Run, setup, fresh: bool = True) -> dict:
     csv_rows = read_metrics_csv(csv_path) if csv_path.is_file() else []
     # A resumed run keeps its best so far (the checkpoint on disk is that epoch's).
     earlier = [r.get(monitor_name(config)) for r in csv_rows
-               if r["epoch"] < int(epoch_var.numpy())]
+               if r["epoch"] <= int(epoch_var.numpy())]  # rows are numbered from 1
     best = max([v for v in earlier if v is not None and np.isfinite(v)], default=-np.inf)
     # Shard by batch: the stream reads from a cache, not from files TF can split.
     options = tf.data.Options()
@@ -145,7 +148,7 @@ def train_multi_worker(config, run: Run, setup, fresh: bool = True) -> dict:
             logs["val_loss"] = result["loss"]
 
         for tag, value in scalar_tags(logs, structure_keys).items():  # as the fit path
-            writer.scalar(tag, value, epoch)
+            writer.scalar(tag, value, epoch + 1)  # numbered from 1, as metrics.csv
         writer.flush()
         epoch_var.assign(epoch + 1)
         manager.save()  # every worker must take part; non-chiefs write to a temp dir
@@ -154,7 +157,8 @@ def train_multi_worker(config, run: Run, setup, fresh: bool = True) -> dict:
             if monitor is not None and monitor > best:
                 best = monitor
                 work.save_model(model, "best")
-            csv_rows = [r for r in csv_rows if r["epoch"] < epoch] + [{"epoch": epoch, **logs}]
+            csv_rows = ([r for r in csv_rows if r["epoch"] <= epoch]
+                        + [{"epoch": epoch + 1, **logs}])
             write_metrics_csv(csv_path, csv_rows)
         for key, value in logs.items():
             history.setdefault(key, []).append(value)

@@ -45,7 +45,7 @@ import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Iterable, Mapping, Optional, Sequence
 
 import numpy as np
 from scipy import ndimage
@@ -67,6 +67,7 @@ __all__ = [
     "evaluate_pairs",
     "evaluate_dirs",
     "format_report",
+    "write_evaluation",
 ]
 
 SIZE_GROUPS = ("small", "medium", "large")
@@ -656,23 +657,29 @@ def _fmt_pm(mean: Any, sd: Any, digits: int) -> str:
     return _fmt(mean, digits) + (f" ± {_fmt(sd, digits)}" if isinstance(sd, float) and math.isfinite(sd) else "")
 
 
-def format_report(result: EvaluationResult, title: str = "Per-structure evaluation") -> str:
+def format_report(result: EvaluationResult, title: str = "Per-structure evaluation",
+                  source: Optional[str] = None) -> str:
     """Render the markdown report: one table, structures by size, size groups, overall.
 
     Args:
         result: an :class:`EvaluationResult`.
         title: first heading of the report.
+        source: what was evaluated (e.g. the checkpoint that made the predictions), shown
+            under the title.
 
     Returns:
         Markdown text.
     """
     n_subjects = len({row["subject"] for row in result.rows}) if result.rows else 0
-    lines = [
-        f"# {title}",
-        "",
-        f"{n_subjects} subject(s), {len(result.structures)} structure(s). Dice and relative volume in "
-        "mean ± SD (sample SD) over subjects; HD95 and ASSD in mm; structures sorted by size "
-        "(voxel fraction = mean share of the volume's voxels in the ground truth).",
+    lines = [f"# {title}", ""]
+    if source:
+        lines += [source, ""]
+    lines += [
+        f"{n_subjects} subject(s), {len(result.structures)} structure(s). Dice in mean ± SD "
+        "(sample SD) over subjects; HD95 and ASSD in mm; structures sorted by size "
+        "(voxel fraction = mean share of the volume's voxels in the ground truth). Per-case "
+        "rows (with volumes and the relative volume difference) are in metrics.csv, "
+        "per-structure statistics in summary.csv, the Dice spread in dice_boxplot.png.",
         "",
         "| Structure | Id | Size group | Voxel fraction (%) | Dice mean ± SD | Dice median "
         "| HD95 mm mean ± SD | ASSD mm mean ± SD | Dist. undefined |",
@@ -798,11 +805,36 @@ def evaluate_dirs(
     result = evaluate_pairs(pairs, names, connectivity=connectivity, label_map=label_map,
                             unknown_labels=unknown_labels, pred_ids=pred_ids)
 
+    return write_evaluation(result, out_dir, overwrite=True)
+
+
+def write_evaluation(result: EvaluationResult, out_dir: str | os.PathLike, *,
+                     title: str = "Per-structure evaluation", source: Optional[str] = None,
+                     overwrite: bool = False) -> EvaluationResult:
+    """Writes ``metrics.csv``, ``summary.csv``, ``report.md`` and ``dice_boxplot.png`` (each
+    atomically) into ``out_dir``; sets and returns ``result.outputs``.
+
+    Args:
+        result: an :class:`EvaluationResult` (e.g. from :func:`evaluate_pairs`).
+        out_dir: the report folder (created when missing).
+        title, source: see :func:`format_report`.
+        overwrite: replace existing files; otherwise an existing one raises (before any
+            file is written).
+
+    Raises:
+        FileExistsError: an output exists and ``overwrite`` is false.
+    """
+    out_dir = Path(out_dir)
+    targets = {key: out_dir / name for key, name in OUTPUT_FILES.items()}
+    existing = [str(path) for path in targets.values() if path.exists()]
+    if existing and not overwrite:
+        raise FileExistsError(f"outputs exist (pass --overwrite, or overwrite=True, to replace "
+                              f"them): {', '.join(existing)}")
     out_dir.mkdir(parents=True, exist_ok=True)
     contents = {
         "metrics": _csv_text(result.rows, METRIC_COLUMNS).encode(),
         "summary": _csv_text(result.summary_rows(), SUMMARY_COLUMNS).encode(),
-        "report": format_report(result).encode(),
+        "report": format_report(result, title=title, source=source).encode(),
         "boxplot": _boxplot_png(result),
     }
     for key, data in contents.items():

@@ -300,7 +300,7 @@ def run_arm(config, run_dir: Path, test_entries, label_names, label_map=None,
                                                           "dice_mean_with_background")},
         "history": {"epoch": [r["epoch"] for r in rows],
                     "loss": [r.get("loss", math.nan) for r in rows],
-                    "val_epochs": [r["epoch"] + 1 for r in validated],
+                    "val_epochs": [r["epoch"] for r in validated],  # numbered from 1
                     "val_dice": [r["val_dice"] for r in validated]},
         "train_seconds": train_seconds,
         "epochs": len(rows),  # fewer than train.epochs when train.time_budget_s stopped it
@@ -433,7 +433,8 @@ def demo(tiny: bool = False, root: str | Path | None = None) -> dict:
     ``data/demo*``, ``runs/``, ``reports/``, ``saved_models/``.
     """
     from tf_explog.data.synthetic import generate_dataset
-    from tf_explog.evaluation import format_report
+    from tf_explog.environment import tool_command
+    from tf_explog.evaluation import write_evaluation
     from tf_explog.training import train
 
     root = Path(root) if root else Path.cwd()
@@ -473,9 +474,18 @@ def demo(tiny: bool = False, root: str | Path | None = None) -> dict:
                                             label_map=manifest.label_map,
                                             unknown_labels=manifest.unknown_labels)
     report_dir = root / "reports" / result.run_dir.parent.name / result.run_dir.name
-    report_dir.mkdir(parents=True, exist_ok=True)
+    # The full evaluation, as `tf-explog evaluate` writes it, naming what it evaluated.
+    checkpoint = Run.open(result.run_dir).checkpoint("best")
+    info = Run.open(result.run_dir).info
+    best = info.get("best") or {}
+    source = (f"Evaluated checkpoint: `{checkpoint}`"
+              + (f" (best {best['monitor']} {best['value']:.4f} at epoch {best['epoch']} of "
+                 f"{info.get('epochs_trained')})" if best else "")
+              + f", on the {len(manifest.entries('test'))} test subject(s) of "
+              f"`{manifest.path}`; predictions in `{Run.open(result.run_dir).predictions_dir}`.")
+    write_evaluation(evaluation, report_dir, title=f"Demo: {config.name}", source=source,
+                     overwrite=True)
     report = report_dir / "report.md"
-    atomic_write(report, format_report(evaluation, title=f"Demo: {config.name}"))
 
     if keras.backend.backend() == "tensorflow":
         from tf_explog.export import export_saved_model
@@ -493,10 +503,11 @@ def demo(tiny: bool = False, root: str | Path | None = None) -> dict:
     print("\n[demo] done in {:.0f} s".format(elapsed))
     print(f"  mean test Dice:  {overall.get('dice_mean', float('nan')):.3f}")
     print(f"  run directory:   {result.run_dir}")
-    print(f"  TensorBoard:     tensorboard --logdir {result.run_dir / 'tensorboard'}")
-    print(f"  evaluation:      {report}")
+    print(f"  TensorBoard:     {tool_command('tensorboard')} --logdir "
+          f"{result.run_dir / 'tensorboard'}")
+    print(f"  evaluation:      {report} (+ metrics.csv, summary.csv, dice_boxplot.png)")
     print(f"  SavedModel:      {exported or 'not exported (needs TensorFlow)'}")
-    print(f"  segment scans:   tf-explog predict --model {result.run_dir} --input FILE_OR_DIR "
-          "--output DIR")
+    print(f"  segment scans:   {tool_command('tf-explog')} predict --model {result.run_dir} "
+          "--input FILE_OR_DIR --output DIR")
     return {"run_dir": result.run_dir, "report": report, "saved_model": exported,
             "evaluation": evaluation, "seconds": elapsed}

@@ -3,7 +3,9 @@
 A training run writes everything into ``<runs_dir>/<name>/<timestamp>/``::
 
     run.json                 config (resolved), fingerprint, seed, label names, channels,
-                             the preprocessing (invertible record), checkpoint paths
+                             the preprocessing (invertible record), checkpoint paths; the
+                             environment (versions, device) and command line; at the end
+                             the results (best epoch and value, final metrics, duration)
     config.yaml              the resolved config, for reading and for ``--config``
     checkpoints/best.keras   best validation checkpoint (train.checkpoint_monitor)
     checkpoints/final.keras  the model at the end of training
@@ -127,9 +129,13 @@ class Run:
         return run
 
     def write_info(self, config, label_names: Sequence[str], num_channels: int,
-                   preprocessor) -> None:
-        """``run.json`` and ``config.yaml``: what inference and export need without the data."""
+                   preprocessor, environment: Optional[dict] = None,
+                   command: Optional[Sequence[str]] = None) -> None:
+        """``run.json`` and ``config.yaml``: what inference and export need without the data,
+        and what the run is computed with (``environment``: versions and device, see
+        `tf_explog.environment.environment`; ``command``: the command line)."""
         info = {
+            "status": "running",
             "config": config.to_dict(),
             "base_dir": config.base_dir,
             "fingerprint": config.fingerprint(),
@@ -141,9 +147,21 @@ class Run:
             "best_checkpoint": BEST_CHECKPOINT,
             "final_model": FINAL_MODEL,
         }
+        if environment is not None:
+            info["environment"] = dict(environment)
+        if command is not None:
+            info["command"] = list(command)
         write_json(self.path / RUN_FILE, info, indent=2)
         atomic_write(self.path / CONFIG_FILE, config.dump())
         self.__dict__.pop("info", None)  # re-read on next access
+
+    def update_info(self, **fields: Any) -> dict:
+        """Sets top-level entries of ``run.json`` (rewritten atomically); returns the whole."""
+        info = dict(self.info)
+        info.update(fields)
+        write_json(self.path / RUN_FILE, info, indent=2)
+        self.__dict__.pop("info", None)
+        return info
 
     # ------------------------------------------------------------------ reading
 

@@ -189,8 +189,9 @@ class TensorBoardSummary(keras.callbacks.Callback):
                     self.model.optimizer.learning_rate))
             except (AttributeError, TypeError, ValueError):
                 pass
+        # Steps are epochs numbered from 1, as on the console and in metrics.csv.
         for tag, value in scalar_tags(logs, self.keys).items():
-            self.writer.scalar(tag, value, epoch)
+            self.writer.scalar(tag, value, epoch + 1)
         if self.every and (epoch + 1) % self.every == 0:
             self._images(epoch, logs)
         self.writer.flush()
@@ -209,15 +210,20 @@ class TensorBoardSummary(keras.callbacks.Callback):
             pred = predict_volume(self.model, image, window=self.window).argmax(-1)
             fig = overlay_figure(image, labels, pred, self.label_names,
                                  title=f"epoch {epoch + 1}: middle slices")
+            # TensorBoard shows the first description a tag was written with for every step,
+            # so captions say nothing that changes between epochs: the epoch (and the mean
+            # Dice) are drawn in the image's title, and the step slider is the epoch.
             self.writer.image(
-                "overlays/middle_slices", figure_png(fig), epoch,
-                f"Epoch {epoch + 1}, first validation volume, inference mode: image | ground "
-                "truth | prediction along each axis; colours as in the legend.")
+                "overlays/middle_slices", figure_png(fig), epoch + 1,
+                "First validation volume, inference mode: image | ground truth | prediction "
+                "along each axis; colours as in the legend; the epoch is in the title.")
         values = [logs.get(f"val_dice_{k}") for k in self.keys]
         if all(v is not None for v in values):
-            fig = dice_by_structure_figure(self.label_names[1:], [float(v) for v in values],
-                                           None, title=f"validation Dice, epoch {epoch + 1}")
+            mean = float(logs.get("val_dice", np.nan))
+            fig = dice_by_structure_figure(
+                self.label_names[1:], [float(v) for v in values], None,
+                title=f"validation Dice, epoch {epoch + 1}, mean {mean:.3f}")
             self.writer.image(
-                "dice_by_structure/chart", figure_png(fig), epoch,
-                f"Validation Dice per structure at epoch {epoch + 1} (inference mode), mean "
-                f"{float(logs.get('val_dice', np.nan)):.3f}.")
+                "dice_by_structure/chart", figure_png(fig), epoch + 1,
+                "Validation Dice per structure (inference mode), smallest structure first; "
+                "the epoch and the mean are in the title.")

@@ -23,7 +23,9 @@ TensorFlow is imported only on the TensorFlow backend.
 from __future__ import annotations
 
 import contextlib
+import time
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 
 import keras
@@ -32,10 +34,10 @@ from tf_explog.builders import TrainingSetup, monitor_name
 from tf_explog.callbacks import (BestCheckpoint, EpochSummary, MetricsCSV, ResumeState,
                                  TimeBudget)
 from tf_explog.config import Config, ConfigError
+from tf_explog.environment import command_line, device_description, environment
 from tf_explog.errors import EnvironmentFault, InputError, NonFiniteError
 from tf_explog.files import describe_environment_error, environment_error
 from tf_explog.runs import Run, RunError
-
 
 @dataclass
 class TrainResult:
@@ -154,6 +156,46 @@ def first_sample(*volume_sets):
 
 
 # --------------------------------------------------------------------------------------
+# The run's record
+# --------------------------------------------------------------------------------------
+
+
+def run_results(rows: list, monitor: str) -> dict:
+    """What a run found, from its ``metrics.csv`` rows (epochs numbered from 1).
+
+    Returns:
+        ``{"epochs_trained", "best": {"monitor", "epoch", "value"} or None,
+        "final_metrics": the last row}``; the best is the highest ``monitor`` (lowest for a
+        loss), the first epoch reaching it on ties, as `BestCheckpoint` keeps it.
+    """
+    import math
+
+    lower = monitor.endswith("loss")
+    best = None
+    for row in rows:
+        value = row.get(monitor)
+        if value is None or not math.isfinite(value):
+            continue
+        if best is None or (value < best["value"] if lower else value > best["value"]):
+            best = {"monitor": monitor, "epoch": int(row["epoch"]), "value": float(value)}
+    return {"epochs_trained": len(rows), "best": best,
+            "final_metrics": dict(rows[-1]) if rows else {}}
+
+
+def record_results(run: Run, monitor: str, seconds: float, status: str = "finished") -> dict:
+    """Writes the results into ``run.json`` (best epoch and value, final metrics, duration,
+    accumulated over resumed sessions) and returns them."""
+    from tf_explog.callbacks import read_metrics_csv
+
+    rows = read_metrics_csv(run.metrics_csv) if run.metrics_csv.is_file() else []
+    results = run_results(rows, monitor)
+    earlier = float(run.info.get("duration_s") or 0.0)
+    run.update_info(status=status, finished=datetime.now().isoformat(timespec="seconds"),
+                    duration_s=round(earlier + seconds, 3), **results)
+    return results
+
+
+# --------------------------------------------------------------------------------------
 # Entry point
 # --------------------------------------------------------------------------------------
 
@@ -183,6 +225,7 @@ def train(config: Config, *, resume: str | Path | None = None, extra_callbacks=(
             is removed (no finished epoch) or marked ``FAILED.json`` (resumable).
         NonFiniteError: training diverged; the run is marked ``FAILED.json``.
     """
+    start = time.perf_counter()
     # One process per run (multi-worker jobs share a resumed run between their workers).
     with contextlib.ExitStack() as held:
         if resume is not None:
@@ -201,7 +244,14 @@ def train(config: Config, *, resume: str | Path | None = None, extra_callbacks=(
             run = Run.create(config, run_dir)
             if config.train.strategy != "multi_worker":
                 held.enter_context(run.lock())
-        return _train_locked(config, run, setup, extra_callbacks, fresh=resume is None)
+        else:
+            # The session that continues it may run elsewhere: keep a line per session.
+            sessions = list(run.info.get("resumed") or [])
+            sessions.append({"at": datetime.now().isoformat(timespec="seconds"),
+                             "command": command_line(), "environment": environment()})
+            run.update_info(status="running", resumed=sessions)
+        return _train_locked(config, run, setup, extra_callbacks, fresh=resume is None,
+                             start=start)
 
 
 def check_config_file(run: Run, config: Config) -> None:
@@ -243,7 +293,7 @@ def _first_difference(a, b, prefix: str = ""):
 
 
 def _train_locked(config: Config, run: Run, setup: TrainingSetup, extra_callbacks,
-                  fresh: bool) -> TrainResult:
+                  fresh: bool, start: float) -> TrainResult:
     """`train` once the run is held by this process."""
     run.remove_stale_temporaries()  # left by a writer that was killed
     keras.utils.set_random_seed(config.seed)
@@ -260,6 +310,7 @@ def _train_locked(config: Config, run: Run, setup: TrainingSetup, extra_callback
         # Marked so nobody takes the run for a finished one; best.keras (if any) is from an
         # earlier, finite epoch.
         run.mark_failed(str(err))
+        record_results(run, monitor_name(config), time.perf_counter() - start, "failed")
         raise NonFiniteError(f"{err} (run directory: {run.path})") from None
     except OSError as err:
         if not environment_error(err):
@@ -276,18 +327,26 @@ def _train_locked(config: Config, run: Run, setup: TrainingSetup, extra_callback
     except BaseException:
         # A run that never finished an epoch holds nothing to resume: leave no empty folder.
         # Later failures keep the resume state (--resume continues at the last epoch).
-        if fresh:
-            run.discard_if_empty()
+        if not (fresh and run.discard_if_empty()) and (run.path / "run.json").is_file():
+            # Resumable: say so in run.json (the results so far, status "interrupted").
+            try:
+                record_results(run, monitor_name(config), time.perf_counter() - start,
+                               "interrupted")
+            except Exception:  # never hide the error that stopped the run
+                pass
         raise
     finally:
         keras.config.set_dtype_policy(previous_policy)
     run.clear_failed()  # a resumed run that had failed has finished after all
+    if run.path.is_dir() and (run.path / "run.json").is_file():  # non-chief workers drop theirs
+        record_results(run, monitor_name(config), time.perf_counter() - start)
     return TrainResult(run.path, history, run.best_checkpoint, run.final_model)
 
 
 def _fit(config: Config, run: Run, setup: TrainingSetup, extra_callbacks, fresh: bool) -> dict:
     if fresh:
-        run.write_info(config, setup.label_names, setup.num_channels, setup.preprocessor)
+        run.write_info(config, setup.label_names, setup.num_channels, setup.preprocessor,
+                       environment(), command_line())
     if on_tensorflow():
         strategy = make_strategy(config.train.strategy)
         scope, replicas = strategy.scope(), strategy.num_replicas_in_sync
@@ -310,8 +369,9 @@ def _fit(config: Config, run: Run, setup: TrainingSetup, extra_callbacks, fresh:
         # Last, so the epoch it measures includes validation and checkpointing.
         budget = TimeBudget(config.train.time_budget_s)
         callbacks.append(budget)
-    # One line whatever the verbosity: which run, and how it is set up.
-    print(f"[tf_explog] run {run.path} backend={keras.backend.backend()} seed={config.seed} "
+    # One line whatever the verbosity: which run, on what device, and how it is set up.
+    print(f"[tf_explog] run {run.path} device=\"{device_description()}\" "
+          f"backend={keras.backend.backend()} seed={config.seed} "
           f"policy={config.train.dtype_policy} jit={jit} strategy={config.train.strategy} "
           f"replicas={replicas}", flush=True)
     history = model.fit(

@@ -6,7 +6,7 @@ Only ``pipeline`` needs TensorFlow; it is imported lazily so the rest works with
 import importlib
 
 _SUBMODULES = {"nifti", "preprocess", "synthetic", "manifest", "cache", "pipeline", "pydataset",
-               "core", "sampling", "label_synthesis"}
+               "core", "sampling", "label_synthesis", "layout"}
 _LAZY = {
     "split_volumes": "core",
     "clean_batches": "core",
@@ -22,6 +22,8 @@ _LAZY = {
     "label_frequencies": "manifest",
     "generate_dataset": "synthetic",
     "synthesize_from_label_maps": "label_synthesis",
+    "init_dataset": "layout",
+    "check_dataset": "layout",
 }
 
 

@@ -3,8 +3,8 @@
 The paper's 43 labelled T1 brain MRIs are not public, so this module draws phantoms with
 **19 structures + background** whose sizes span the same range: large shells (cortex, white
 matter, CSF), medium structures (lateral ventricles, cerebellum, brainstem) and small deep
-nuclei of a few hundred voxels at 128³. The smallest/largest structure ratio is about
-0.1–0.2% (the paper: 0.14%; the tests bound it at 0.3%). Background (with the unlabelled
+nuclei of a few hundred voxels at 128³. The smallest/largest structure ratio is 0.12% at
+128³ and 0.13–0.14% at 48³ (12 subjects; the paper: 0.14%; the tests bound it at 0.3%). Background (with the unlabelled
 scalp and skull) is about 78% of the voxels at 128³, against 93.5% in the paper, whose
 largest labelled structures were smaller than whole cortex / white-matter shells.
 
