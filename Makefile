@@ -44,6 +44,8 @@ bench: $(TEST)
 	$(PY) bench/batchnorm.py
 	$(PY) bench/folding.py
 	KERAS_BACKEND=jax $(PY) bench/gpu.py
+	# needs the brain label maps beside the checkout (../shared/data/brain_label_maps)
+	-$(PY) bench/real_anatomy.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info
