@@ -33,6 +33,7 @@ from typing import Mapping, Optional, Sequence, Union
 
 import keras
 import numpy as np
+from keras import ops
 
 from tf_explog.data.nifti import (
     NiftiError,
@@ -44,7 +45,7 @@ from tf_explog.data.nifti import (
     nifti_stem,
     save_like,
 )
-from tf_explog.data.core import pad_end
+from tf_explog.data.core import background_value, pad_end
 from tf_explog.data.preprocess import Preprocessor, invert_labels, invert_probabilities
 from tf_explog.errors import InputError
 from tf_explog.labels import SEGMENTATION
@@ -229,15 +230,19 @@ def _run(model, batch: np.ndarray, predict_fn=None) -> np.ndarray:
     return out
 
 
+def _pass_window(shape, window, fixed, divisor) -> tuple:
+    """The window one pass uses: the model's fixed size, or never larger than the
+    (16-padded) volume (same result, less work)."""
+    if fixed:
+        return tuple(window)
+    return tuple(min(w, -(-s // divisor) * divisor) for w, s in zip(window, shape))
+
+
 def _predict_once(model, image, window, fixed, overlap, gaussian_sigma, window_batch, divisor,
                   predict_fn=None):
-    """One pass without TTA: pad, predict (one call or blended windows), crop."""
+    """One pass without TTA on the host: pad, predict (one call or blended windows), crop."""
     shape = image.shape[:3]
-    if fixed:
-        win = window
-    else:
-        # Never use a window larger than the (16-padded) volume: same result, less work.
-        win = tuple(min(w, -(-s // divisor) * divisor) for w, s in zip(window, shape))
+    win = _pass_window(shape, window, fixed, divisor)
     padded = tuple(max(s, w) for s, w in zip(shape, win))
     if padded != shape:
         # The volume's background (its minimum; after z-scoring 0 is the mean tissue
@@ -280,8 +285,11 @@ def predict_volume(
     window_batch: int = 1,
     divisor: int = DIVISOR,
     predict_fn=None,
-) -> np.ndarray:
-    """Class probabilities of a whole preprocessed volume of any size.
+    blend: Optional[str] = None,
+    output: str = "probabilities",
+    accumulate: str = "float32",
+):
+    """Class probabilities (or labels) of a whole preprocessed volume of any size.
 
     Without ``window`` (or when the volume fits in one window) the image is padded with its
     background (its minimum per channel) at the end of each axis to a multiple of
@@ -303,10 +311,22 @@ def predict_volume(
         window_batch: windows per model call.
         divisor: spatial sizes the model accepts are multiples of this.
         predict_fn: how to run a batch (default ``model.predict_on_batch``; e.g.
-            ``lambda x: model(x, training=False)`` inside a custom distributed loop).
+            ``lambda x: model(x, training=False)`` inside a custom distributed loop); implies
+            ``blend="host"``.
+        blend: "device" (default without ``predict_fn``): every TTA pass, window and the
+            Gaussian blending in one compiled program of the backend, one transfer of the
+            result (see ``docs/performance.md``); "host": each window's output copied to
+            NumPy and blended there (the reference implementation).
+        output: "probabilities" (NumPy float32 ``[D, H, W, K]``), "labels" (NumPy int32
+            ``[D, H, W]``, the argmax, taken on the device with ``blend="device"``: a K times
+            smaller transfer) or "tensor" (the probabilities as a backend tensor left on the
+            device; ``blend="device"`` only).
+        accumulate: "float32", or "float16" (device blending only) to halve the largest
+            buffer, ``D·H·W·K``, for volumes that do not fit otherwise; probabilities then
+            differ by up to ~1e-3 and labels only where two classes are that close.
 
     Returns:
-        float32 ``[D, H, W, K]``.
+        See ``output``.
 
     Raises:
         InferenceError (a ValueError): wrong image rank or channel count, bad option values,
@@ -354,6 +374,29 @@ def predict_volume(
     if any(w % divisor for w in window):
         raise InferenceError(f"window: {window} must be multiples of {divisor} (the network's pooling)")
 
+    if blend is None:
+        blend = "host" if predict_fn is not None else "device"
+    if blend not in ("device", "host"):
+        raise InferenceError(f"blend: expected 'device' or 'host', got {blend!r}")
+    if output not in ("probabilities", "labels", "tensor"):
+        raise InferenceError(f"output: expected 'probabilities', 'labels' or 'tensor', got {output!r}")
+    if accumulate not in ("float32", "float16"):
+        raise InferenceError(f"accumulate: expected 'float32' or 'float16', got {accumulate!r}")
+    if blend == "host" and (output == "tensor" or accumulate != "float32"):
+        raise InferenceError(f"blend: 'host' gives NumPy float32 only (output={output!r}, "
+                             f"accumulate={accumulate!r} need blend='device')")
+    if blend == "device" and predict_fn is not None:
+        raise InferenceError("predict_fn: a custom batch function runs on the host; use "
+                             "blend='host' with it (or leave predict_fn out)")
+    if blend == "device":
+        result = _device_predict(model, image, window, fixed, overlap, gaussian_sigma, flips,
+                                 int(window_batch), divisor,
+                                 "labels" if output == "labels" else "probabilities", accumulate)
+        if output == "tensor":
+            return result
+        return np.asarray(ops.convert_to_numpy(result),
+                          np.int32 if output == "labels" else np.float32)
+
     total = None
     for axes in flips:
         x = np.flip(image, axes) if axes else image
@@ -362,7 +405,199 @@ def predict_volume(
         p = np.flip(p, axes) if axes else p
         # float64 sum: the mean does not depend on the order of the flips (exact TTA symmetry).
         total = p.astype(np.float64) if total is None else total + p
-    return (total / len(flips)).astype(np.float32)
+    probs = (total / len(flips)).astype(np.float32)
+    return np.argmax(probs, axis=-1).astype(np.int32) if output == "labels" else probs
+
+
+# --------------------------------------------------------------------------------------------
+# Sliding windows blended on the device
+# --------------------------------------------------------------------------------------------
+#
+# The host path above copies every window's K-class output to NumPy and accumulates on the
+# CPU; here the whole pass (every flip of the TTA, every window, the Gaussian weighting, the
+# crop, the argmax when only labels are wanted) is one compiled function of the backend, and
+# only its result crosses to the host.
+#
+# Frames. TTA pass S predicts ``flip_S(x)`` padded at the end of each axis to the padded
+# shape P (the host path's geometry), windows at corners c of that frame. Back in the
+# original frame, a flipped axis's padding lies *before* the volume, so the device keeps one
+# extended image E covering x ∈ [-o, P) per axis (o = P - s on axes some flip set flips, else
+# 0; background value outside the volume). A window at corner c of pass S reads E at
+#     r = c + o            (axis not flipped by S)
+#     r = P - c - w        (axis flipped by S),
+# flipped along S, and its output, flipped back, lands at the same r of the accumulator.
+# Each pass's normaliser W = Σ_w g (same padded shape and corners for every pass) is known in
+# advance, so each window adds p · g / W[c : c + w]: the sum over windows is that pass's
+# blended probabilities, and the sum over passes divided by their number is the TTA mean,
+# without a per-pass buffer.
+
+
+def _backend_compile(fn):
+    """One compiled program on the backend: ``tf.function`` / ``jax.jit`` (eager otherwise).
+
+    XLA is not forced on TensorFlow (on the CPU it measured ~10x slower there); the only
+    backend-specific lines of the device path.
+    """
+    backend = keras.backend.backend()
+    if backend == "tensorflow":
+        import functools
+
+        import tensorflow as tf  # only reached on the TensorFlow backend
+
+        # One tf.function per plan, each traced once. Wrapped in a partial because TensorFlow
+        # counts retracings per code object and would warn about the plans' shared closure.
+        return tf.function(functools.partial(fn))
+    if backend == "jax":
+        import jax  # only reached on the JAX backend
+
+        return jax.jit(fn)
+    return fn
+
+
+def _select_segmentation(out, model):
+    """The "segmentation" output of a (possibly multi-output) model call, as a tensor."""
+    if isinstance(out, Mapping):
+        if SEGMENTATION not in out:
+            raise InferenceError(f"model: outputs {sorted(out)} include no {SEGMENTATION!r}")
+        return out[SEGMENTATION]
+    if isinstance(out, (list, tuple)):
+        names = list(getattr(model, "output_names", None) or [])
+        return out[names.index(SEGMENTATION)] if SEGMENTATION in names else out[0]
+    return out
+
+
+def _num_classes(model, batch_shape: tuple) -> int:
+    """K of the segmentation output for an input of ``batch_shape``, traced symbolically."""
+    spec = _select_segmentation(model.compute_output_spec(
+        keras.KerasTensor(batch_shape, dtype="float32")), model)
+    shape = tuple(spec.shape)
+    if len(shape) != 5 or tuple(shape[:4]) != tuple(batch_shape[:4]) or shape[4] is None:
+        raise InferenceError(
+            f"model: expected probabilities [batch, D, H, W, K] for input {batch_shape}, got {shape}"
+        )
+    return int(shape[4])
+
+
+def _flip_where(x, flags, axes):
+    """``x`` flipped along each of ``axes`` whose flag (a traced int) is non-zero."""
+    for a in axes:
+        x = ops.where(flags[a] > 0, ops.flip(x, axis=a), x)
+    return x
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """The static geometry of one device pass (one compiled program per plan)."""
+
+    shape: tuple  # volume (s)
+    window: tuple  # w
+    padded: tuple  # P
+    offset: tuple  # o (E frame)
+    flip_axes: tuple  # axes some TTA pass flips
+    window_batch: int
+    gaussian_sigma: float
+    channels: int
+    classes: int
+    output: str  # "probabilities" | "labels"
+    accumulate: str  # "float32" | "float16"
+
+
+def _device_items(plan: _Plan, corners: list, flips: list) -> tuple:
+    """Per-window arrays ``[steps, window_batch, ...]``: E read starts, corners in the padded
+    frame, flip flags and validity (0 for the rows that pad the last batch)."""
+    reads, cs, fl, valid = [], [], [], []
+    for axes in flips:
+        flag = [1 if a in axes else 0 for a in range(3)]
+        for c in corners:
+            reads.append([p - ci - w if f else ci + o for ci, w, p, o, f in
+                          zip(c, plan.window, plan.padded, plan.offset, flag)])
+            cs.append(list(c))
+            fl.append(flag)
+            valid.append(1.0)
+    b = plan.window_batch
+    extra = -len(reads) % b
+    # Padding rows repeat the first window with weight 0: static shapes, no effect.
+    reads += [reads[0]] * extra
+    cs += [cs[0]] * extra
+    fl += [fl[0]] * extra
+    valid += [0.0] * extra
+    steps = len(reads) // b
+    return (np.asarray(reads, np.int32).reshape(steps, b, 3),
+            np.asarray(cs, np.int32).reshape(steps, b, 3),
+            np.asarray(fl, np.int32).reshape(steps, b, 3),
+            np.asarray(valid, np.float32).reshape(steps, b))
+
+
+def _device_program(model, plan: _Plan):
+    """The compiled ``(weights, E, W, items) -> result`` of ``plan``, cached on the model."""
+    cache = model.__dict__.setdefault("_tf_explog_sliding_window", {})
+    if plan in cache:
+        return cache[plan]
+    g = gaussian_importance_map(plan.window, plan.gaussian_sigma)
+    win, b, k = plan.window, plan.window_batch, plan.classes
+    acc_dtype = plan.accumulate
+    passes = float(2 ** len(plan.flip_axes))  # every subset of the flipped axes
+    extended_shape = tuple(p + o for p, o in zip(plan.padded, plan.offset))
+
+    def run(trainable, non_trainable, extended, weights, reads, corners, flags, valid):
+        zero = ops.zeros((1,), "int32")
+        acc = ops.zeros(extended_shape + (k,), acc_dtype)
+        gauss = ops.convert_to_tensor(g)
+
+        def body(i, acc):
+            windows = []
+            for j in range(b):
+                start = ops.concatenate([reads[i, j], zero])
+                x = ops.slice(extended, start, win + (plan.channels,))
+                windows.append(_flip_where(x, flags[i, j], plan.flip_axes))
+            out, _ = model.stateless_call(trainable, non_trainable, ops.stack(windows),
+                                          training=False)
+            out = ops.cast(_select_segmentation(out, model), "float32")
+            for j in range(b):
+                norm = gauss / ops.slice(weights, corners[i, j], win) * valid[i, j]
+                part = _flip_where(out[j] * norm[..., None], flags[i, j], plan.flip_axes)
+                start = ops.concatenate([reads[i, j], zero])
+                current = ops.slice(acc, start, win + (k,))
+                acc = ops.slice_update(acc, start, current + ops.cast(part, acc_dtype))
+            return acc
+
+        acc = ops.fori_loop(0, ops.shape(reads)[0], body, acc)
+        crop = acc[tuple(slice(o, o + s) for o, s in zip(plan.offset, plan.shape))]
+        probs = ops.cast(crop, "float32") / passes
+        if plan.output == "labels":
+            return ops.cast(ops.argmax(probs, axis=-1), "int32")
+        return probs
+
+    cache[plan] = _backend_compile(run)
+    return cache[plan]
+
+
+def _device_predict(model, image: np.ndarray, window, fixed, overlap, gaussian_sigma, flips,
+                    window_batch, divisor, output, accumulate):
+    """Every TTA pass and window of ``image`` in one compiled call; a backend tensor."""
+    shape = tuple(image.shape[:3])
+    win = _pass_window(shape, window, fixed, divisor)
+    padded = tuple(max(s, w) for s, w in zip(shape, win))
+    flip_axes = tuple(sorted({a for axes in flips for a in axes}))
+    offset = tuple(p - s if a in flip_axes else 0 for a, (p, s) in enumerate(zip(padded, shape)))
+    channels = int(image.shape[3])
+    classes = _num_classes(model, (int(window_batch),) + win + (channels,))
+    plan = _Plan(shape, win, padded, offset, flip_axes, int(window_batch),
+                 float(gaussian_sigma), channels, classes, output, accumulate)
+    corners = _corners(padded, win, overlap)
+    if len(corners) * len(flips) < plan.window_batch:
+        # Fewer windows than a batch: a smaller batch, not rows of zeros.
+        plan = _Plan(**{**plan.__dict__, "window_batch": len(corners) * len(flips)})
+    reads, cs, fl, valid = _device_items(plan, corners, flips)
+    extended_shape = tuple(p + o for p, o in zip(padded, offset))
+    extended = np.empty(extended_shape + (channels,), np.float32)
+    extended[...] = background_value(image)
+    extended[tuple(slice(o, o + s) for o, s in zip(offset, shape))] = image
+    weights = sliding_window_weights(padded, win, overlap, gaussian_sigma)
+    program = _device_program(model, plan)
+    return program([ops.convert_to_tensor(v.value) for v in model.trainable_variables],
+                   [ops.convert_to_tensor(v.value) for v in model.non_trainable_variables],
+                   extended, weights, reads, cs, fl, valid)
 
 
 # --------------------------------------------------------------------------------------------
