@@ -158,7 +158,9 @@ def validate_volumes(
 
     Each ``(image [D, H, W, C], labels [D, H, W])`` pair goes through
     :func:`tf_explog.inference.predict_volume` (padding to a multiple of 16, or sliding
-    windows of ``window`` blended with a Gaussian, optional flip TTA). Voxel counts are
+    windows of ``window`` blended with a Gaussian, optional flip TTA), blended on the device
+    unless ``predict`` is given: the probabilities stay there for the loss, and only the
+    argmax labels are copied to the host. Voxel counts are
     summed over all volumes before the Dice is taken (the definition of `PerLabelDice`).
 
     Args:
@@ -168,7 +170,8 @@ def validate_volumes(
         window, overlap, tta: see :func:`tf_explog.inference.predict_volume`.
         loss: optional ``loss(y_true, y_pred)`` evaluated per volume on the full-volume
             probabilities; its mean is returned as ``"loss"``.
-        predict: how to run a batch (default ``model.predict_on_batch``).
+        predict: how to run a batch on the host (e.g. :func:`eager_predict`, under a
+            tf.distribute strategy); default: blended on the device.
 
     Returns:
         ``{"dice": mean, "dice_per_label": [K], "loss": mean or None, "volumes": n}``.
@@ -180,17 +183,23 @@ def validate_volumes(
     true_sum = np.zeros(num_classes, np.int64)
     losses, n = [], 0
     for image, labels in volumes:
-        probs = predict_volume(model, image, window=window, overlap=overlap, tta=tta,
-                               predict_fn=predict)
-        pred = np.argmax(probs, axis=-1)
         truth = np.asarray(labels).astype(np.int64)
+        if predict is None:
+            # Blended on the device; only the labels (and the loss, a number) come back.
+            probs = predict_volume(model, image, window=window, overlap=overlap, tta=tta,
+                                   output="tensor")
+            pred = np.asarray(keras.ops.convert_to_numpy(keras.ops.argmax(probs, axis=-1)))
+        else:
+            probs = predict_volume(model, image, window=window, overlap=overlap, tta=tta,
+                                   predict_fn=predict)
+            pred = np.argmax(probs, axis=-1)
         valid = (truth >= 0) & (truth < num_classes)
         t, p = truth[valid], pred[valid]
         tp += np.bincount(t[t == p], minlength=num_classes)[:num_classes]
         pred_sum += np.bincount(p, minlength=num_classes)[:num_classes]
         true_sum += np.bincount(t, minlength=num_classes)[:num_classes]
         if loss is not None:
-            value = loss(truth[np.newaxis].astype(np.int32), probs[np.newaxis])
+            value = loss(truth[np.newaxis].astype(np.int32), keras.ops.expand_dims(probs, 0))
             losses.append(_as_float(value))
         n += 1
     if n == 0:
