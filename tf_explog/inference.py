@@ -68,6 +68,9 @@ PathLike = Union[str, os.PathLike]
 DIVISOR = 16  # 2 ** 4 poolings of the paper network
 WEIGHT_FLOOR = 1e-3  # MONAI's minimum importance, so no voxel of a window has weight 0
 PROBABILITIES_SUFFIX = "_probabilities.nii.gz"
+# accumulate="int16": probabilities in [0, 1] as multiples of 1/30000 (sums stay below the
+# int16 maximum 32767 whatever the rounding of up to ~5000 window contributions).
+FIXED_POINT_SCALE = 30000.0
 
 
 class InferenceError(InputError):
@@ -321,9 +324,12 @@ def predict_volume(
             ``[D, H, W]``, the argmax, taken on the device with ``blend="device"``: a K times
             smaller transfer) or "tensor" (the probabilities as a backend tensor left on the
             device; ``blend="device"`` only).
-        accumulate: "float32", or "float16" (device blending only) to halve the largest
-            buffer, ``D·H·W·K``, for volumes that do not fit otherwise; probabilities then
-            differ by up to ~1e-3 and labels only where two classes are that close.
+        accumulate: the dtype of the device's largest buffer, ``D·H·W·K`` (see
+            ``docs/performance.md``): "float32" (default), or half the memory for volumes
+            that do not fit otherwise: "int16" (fixed point, probabilities × 30000; measured
+            within ~2e-4 of float32 without TTA, ~1.3e-3 with 8 flips) or "float16" (within
+            ~3e-3 / ~1.4e-2: small late contributions are lost against a sum near 1).
+            Labels then differ only where two classes are about that close.
 
     Returns:
         See ``output``.
@@ -380,8 +386,9 @@ def predict_volume(
         raise InferenceError(f"blend: expected 'device' or 'host', got {blend!r}")
     if output not in ("probabilities", "labels", "tensor"):
         raise InferenceError(f"output: expected 'probabilities', 'labels' or 'tensor', got {output!r}")
-    if accumulate not in ("float32", "float16"):
-        raise InferenceError(f"accumulate: expected 'float32' or 'float16', got {accumulate!r}")
+    if accumulate not in ("float32", "float16", "int16"):
+        raise InferenceError(f"accumulate: expected 'float32', 'float16' or 'int16', got "
+                             f"{accumulate!r}")
     if blend == "host" and (output == "tensor" or accumulate != "float32"):
         raise InferenceError(f"blend: 'host' gives NumPy float32 only (output={output!r}, "
                              f"accumulate={accumulate!r} need blend='device')")
@@ -389,6 +396,7 @@ def predict_volume(
         raise InferenceError("predict_fn: a custom batch function runs on the host; use "
                              "blend='host' with it (or leave predict_fn out)")
     if blend == "device":
+        _check_accumulation(image.shape[:3], window, fixed, overlap, flips, divisor, accumulate)
         result = _device_predict(model, image, window, fixed, overlap, gaussian_sigma, flips,
                                  int(window_batch), divisor,
                                  "labels" if output == "labels" else "probabilities", accumulate)
@@ -499,7 +507,7 @@ class _Plan:
     channels: int
     classes: int
     output: str  # "probabilities" | "labels"
-    accumulate: str  # "float32" | "float16"
+    accumulate: str  # "float32" | "float16" | "int16"
 
 
 def _device_items(plan: _Plan, corners: list, flips: list) -> tuple:
@@ -554,22 +562,49 @@ def _device_program(model, plan: _Plan):
                                           training=False)
             out = ops.cast(_select_segmentation(out, model), "float32")
             for j in range(b):
-                norm = gauss / ops.slice(weights, corners[i, j], win) * valid[i, j]
+                # Divided by the passes here, not at the end: the sum stays in [0, 1],
+                # where float16 accumulation (the low-memory mode) is most precise.
+                norm = gauss / ops.slice(weights, corners[i, j], win) * (valid[i, j] / passes)
                 part = _flip_where(out[j] * norm[..., None], flags[i, j], plan.flip_axes)
                 start = ops.concatenate([reads[i, j], zero])
                 current = ops.slice(acc, start, win + (k,))
+                if acc_dtype == "int16":
+                    part = ops.round(part * FIXED_POINT_SCALE)
                 acc = ops.slice_update(acc, start, current + ops.cast(part, acc_dtype))
             return acc
 
         acc = ops.fori_loop(0, ops.shape(reads)[0], body, acc)
         crop = acc[tuple(slice(o, o + s) for o, s in zip(plan.offset, plan.shape))]
-        probs = ops.cast(crop, "float32") / passes
+        probs = ops.cast(crop, "float32")
+        if acc_dtype == "int16":
+            probs = probs / FIXED_POINT_SCALE
         if plan.output == "labels":
             return ops.cast(ops.argmax(probs, axis=-1), "int32")
         return probs
 
     cache[plan] = _backend_compile(run)
     return cache[plan]
+
+
+def _check_accumulation(shape, window, fixed, overlap, flips, divisor, accumulate) -> None:
+    """Refuses "int16" where a voxel could receive so many window contributions that their
+    rounding could overflow the fixed point (more than ~5000: extreme overlaps with TTA)."""
+    if accumulate != "int16":
+        return
+    win = _pass_window(shape, window, fixed, divisor)
+    coverage = len(flips)
+    for s, w in zip(shape, win):
+        size = max(s, w)
+        counts = np.zeros(size, np.int64)
+        for start in window_starts(size, w, overlap):
+            counts[start:start + w] += 1
+        coverage *= int(counts.max())
+    limit = int(2 * (32767 - FIXED_POINT_SCALE))
+    if coverage > limit:
+        raise InferenceError(
+            f"accumulate: 'int16' cannot sum the {coverage} window contributions a voxel "
+            f"receives here (overlap {overlap}, {len(flips)} TTA passes; at most {limit}); "
+            "use a lower overlap, 'float16' or 'float32'")
 
 
 def _device_predict(model, image: np.ndarray, window, fixed, overlap, gaussian_sigma, flips,
