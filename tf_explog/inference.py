@@ -803,6 +803,7 @@ def predict_files(
     overlap: float = 0.5,
     progress: bool = True,
     ids: str = "original",
+    accumulate: str = "float32",
 ) -> list:
     """Segment NIfTI files into label maps aligned voxel for voxel with the inputs.
 
@@ -835,6 +836,8 @@ def predict_files(
         overlap: sliding-window overlap fraction.
         progress: show a progress bar.
         ids: "original" (label-map runs: original ids, see above) or "class".
+        accumulate: the sliding-window accumulator's dtype on the device (see
+            :func:`predict_volume`): "float32", or "int16" / "float16" for half the memory.
 
     Returns:
         The written segmentation paths, in input order.
@@ -880,7 +883,7 @@ def predict_files(
         volume = load_volume(f, kind="image")
         image, _, record = predictor.preprocessor.forward(volume)
         probs = predict_volume(predictor.model, image, window=window, overlap=overlap, tta=tta,
-                               window_batch=window_batch)
+                               window_batch=window_batch, accumulate=accumulate)
         names = predictor.label_names
         if names is not None and probs.shape[-1] != len(names):
             raise InferenceError(
