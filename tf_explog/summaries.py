@@ -206,7 +206,7 @@ class TensorBoardSummary(keras.callbacks.Callback):
             from tf_explog.inference import predict_volume
 
             image, labels = self.sample
-            pred = predict_volume(self.model, image, window=self.window).argmax(-1)
+            pred = predict_volume(self.model, image, window=self.window, output="labels")
             fig = overlay_figure(image, labels, pred, self.label_names,
                                  title=f"epoch {epoch + 1}: middle slices")
             self.writer.image(
