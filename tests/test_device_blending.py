@@ -55,8 +55,6 @@ def test_device_blending_equals_host_blending(unet, shape, window, tta, window_b
     np.testing.assert_allclose(device, host, atol=1e-5, rtol=0)
     assert labels.dtype == np.int32 and labels.shape == shape
     np.testing.assert_array_equal(labels, np.argmax(host, axis=-1))
-    # The windows differ (the U-Net sees padding and window edges): blending was exercised.
-    assert np.abs(host - predict_volume(unet, image, blend="host", tta=tta)).max() > 1e-4
 
 
 def test_device_blending_sees_new_weights(unet):

@@ -24,6 +24,7 @@ through :class:`tf_explog.runs.Run`.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 import os
@@ -475,7 +476,15 @@ def _select_segmentation(out, model):
 
 
 def _num_classes(model, batch_shape: tuple) -> int:
-    """K of the segmentation output for an input of ``batch_shape``, traced symbolically."""
+    """K of the segmentation output for an input of ``batch_shape``, traced symbolically
+    (once per shape: cached on the model)."""
+    cache = model.__dict__.setdefault("_tf_explog_num_classes", {})
+    if batch_shape not in cache:
+        cache[batch_shape] = _trace_num_classes(model, batch_shape)
+    return cache[batch_shape]
+
+
+def _trace_num_classes(model, batch_shape: tuple) -> int:
     spec = _select_segmentation(model.compute_output_spec(
         keras.KerasTensor(batch_shape, dtype="float32")), model)
     shape = tuple(spec.shape)
@@ -562,8 +571,8 @@ def _device_program(model, plan: _Plan):
                                           training=False)
             out = ops.cast(_select_segmentation(out, model), "float32")
             for j in range(b):
-                # Divided by the passes here, not at the end: the sum stays in [0, 1],
-                # where float16 accumulation (the low-memory mode) is most precise.
+                # Divided by the passes here, not at the end: the sum stays in [0, 1], the
+                # range the half-memory accumulators (int16 fixed point, float16) are sized for.
                 norm = gauss / ops.slice(weights, corners[i, j], win) * (valid[i, j] / passes)
                 part = _flip_where(out[j] * norm[..., None], flags[i, j], plan.flip_axes)
                 start = ops.concatenate([reads[i, j], zero])
@@ -622,7 +631,7 @@ def _device_predict(model, image: np.ndarray, window, fixed, overlap, gaussian_s
     corners = _corners(padded, win, overlap)
     if len(corners) * len(flips) < plan.window_batch:
         # Fewer windows than a batch: a smaller batch, not rows of zeros.
-        plan = _Plan(**{**plan.__dict__, "window_batch": len(corners) * len(flips)})
+        plan = dataclasses.replace(plan, window_batch=len(corners) * len(flips))
     reads, cs, fl, valid = _device_items(plan, corners, flips)
     extended_shape = tuple(p + o for p, o in zip(padded, offset))
     extended = np.empty(extended_shape + (channels,), np.float32)
