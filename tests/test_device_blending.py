@@ -178,3 +178,15 @@ def test_device_blending_on_jax_without_tensorflow():
                                                      [20, 35, 18, 3]]
     for row in out["rows"]:
         assert row["max_diff"] < 1e-5 and row["labels_equal"], row
+
+
+def test_one_program_serves_every_volume_shape_on_tensorflow(unet):
+    """TensorFlow takes the geometry as tensors: new volume shapes reuse the program."""
+    model = build_model((None, None, None, 1), num_classes=3, seed=4, **TINY)
+    for i, shape in enumerate([(37, 29, 45), (20, 35, 18), (33, 19, 26)]):
+        image = _image(shape, 20 + i)
+        np.testing.assert_allclose(predict_volume(model, image, window=16, tta=(1,)),
+                                   predict_volume(model, image, window=16, tta=(1,),
+                                                  blend="host"), atol=1e-5, rtol=0)
+    programs = model.__dict__["_tf_explog_sliding_window"]
+    assert len(programs) == (1 if keras.backend.backend() == "tensorflow" else 3)

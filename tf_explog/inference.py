@@ -441,11 +441,12 @@ def predict_volume(
 # without a per-pass buffer.
 
 
-def _backend_compile(fn):
+def _backend_compile(fn, generic_shapes: bool = False):
     """One compiled program on the backend: ``tf.function`` / ``jax.jit`` (eager otherwise).
 
     XLA is not forced on TensorFlow (on the CPU it measured ~10x slower there); the only
-    backend-specific lines of the device path.
+    backend-specific lines of the device path. ``generic_shapes`` (TensorFlow): after a
+    second input shape, trace once with unknown dimensions for all later ones.
     """
     backend = keras.backend.backend()
     if backend == "tensorflow":
@@ -453,9 +454,9 @@ def _backend_compile(fn):
 
         import tensorflow as tf  # only reached on the TensorFlow backend
 
-        # One tf.function per plan, each traced once. Wrapped in a partial because TensorFlow
-        # counts retracings per code object and would warn about the plans' shared closure.
-        return tf.function(functools.partial(fn))
+        # One tf.function per plan. Wrapped in a partial because TensorFlow counts
+        # retracings per code object and would warn about the plans' shared closure.
+        return tf.function(functools.partial(fn), reduce_retracing=generic_shapes)
     if backend == "jax":
         import jax  # only reached on the JAX backend
 
@@ -504,12 +505,16 @@ def _flip_where(x, flags, axes):
 
 @dataclass(frozen=True)
 class _Plan:
-    """The static geometry of one device pass (one compiled program per plan)."""
+    """The static geometry of one device pass (one compiled program per plan).
 
-    shape: tuple  # volume (s)
+    ``shape``, ``padded`` and ``offset`` are None on TensorFlow, whose program takes them as
+    tensors and so serves volumes of every shape (JAX compiles per shape anyway).
+    """
+
+    shape: Optional[tuple]  # volume (s)
     window: tuple  # w
-    padded: tuple  # P
-    offset: tuple  # o (E frame)
+    padded: Optional[tuple]  # P
+    offset: Optional[tuple]  # o (E frame)
     flip_axes: tuple  # axes some TTA pass flips
     window_batch: int
     gaussian_sigma: float
@@ -519,7 +524,8 @@ class _Plan:
     accumulate: str  # "float32" | "float16" | "int16"
 
 
-def _device_items(plan: _Plan, corners: list, flips: list) -> tuple:
+def _device_items(plan: _Plan, padded: tuple, offset: tuple, corners: list,
+                  flips: list) -> tuple:
     """Per-window arrays ``[steps, window_batch, ...]``: E read starts, corners in the padded
     frame, flip flags and validity (0 for the rows that pad the last batch)."""
     reads, cs, fl, valid = [], [], [], []
@@ -527,7 +533,7 @@ def _device_items(plan: _Plan, corners: list, flips: list) -> tuple:
         flag = [1 if a in axes else 0 for a in range(3)]
         for c in corners:
             reads.append([p - ci - w if f else ci + o for ci, w, p, o, f in
-                          zip(c, plan.window, plan.padded, plan.offset, flag)])
+                          zip(c, plan.window, padded, offset, flag)])
             cs.append(list(c))
             fl.append(flag)
             valid.append(1.0)
@@ -554,11 +560,11 @@ def _device_program(model, plan: _Plan):
     win, b, k = plan.window, plan.window_batch, plan.classes
     acc_dtype = plan.accumulate
     passes = float(2 ** len(plan.flip_axes))  # every subset of the flipped axes
-    extended_shape = tuple(p + o for p, o in zip(plan.padded, plan.offset))
 
-    def run(trainable, non_trainable, extended, weights, reads, corners, flags, valid):
+    def run(trainable, non_trainable, extended, weights, reads, corners, flags, valid, crop):
         zero = ops.zeros((1,), "int32")
-        acc = ops.zeros(extended_shape + (k,), acc_dtype)
+        size = ops.shape(extended)  # static on JAX, partly dynamic on TensorFlow
+        acc = ops.zeros((size[0], size[1], size[2], k), acc_dtype)
         gauss = ops.convert_to_tensor(g)
 
         def body(i, acc):
@@ -583,15 +589,19 @@ def _device_program(model, plan: _Plan):
             return acc
 
         acc = ops.fori_loop(0, ops.shape(reads)[0], body, acc)
-        crop = acc[tuple(slice(o, o + s) for o, s in zip(plan.offset, plan.shape))]
-        probs = ops.cast(crop, "float32")
+        if plan.shape is not None:  # static crop (JAX)
+            cropped = acc[tuple(slice(o, o + s) for o, s in zip(plan.offset, plan.shape))]
+        else:  # crop = [offset (3), volume shape (3)] as a tensor
+            cropped = ops.slice(acc, ops.concatenate([crop[:3], zero]),
+                                ops.concatenate([crop[3:], ops.convert_to_tensor([k])]))
+        probs = ops.cast(cropped, "float32")
         if acc_dtype == "int16":
             probs = probs / FIXED_POINT_SCALE
         if plan.output == "labels":
             return ops.cast(ops.argmax(probs, axis=-1), "int32")
         return probs
 
-    cache[plan] = _backend_compile(run)
+    cache[plan] = _backend_compile(run, generic_shapes=plan.shape is None)
     return cache[plan]
 
 
@@ -626,13 +636,17 @@ def _device_predict(model, image: np.ndarray, window, fixed, overlap, gaussian_s
     offset = tuple(p - s if a in flip_axes else 0 for a, (p, s) in enumerate(zip(padded, shape)))
     channels = int(image.shape[3])
     classes = _num_classes(model, (int(window_batch),) + win + (channels,))
-    plan = _Plan(shape, win, padded, offset, flip_axes, int(window_batch),
+    # TensorFlow: one program for every volume shape (geometry as tensors); a new volume
+    # shape would otherwise cost a new trace (~9 s for the paper network on the CPU).
+    static = keras.backend.backend() != "tensorflow"
+    plan = _Plan(shape if static else None, win, padded if static else None,
+                 offset if static else None, flip_axes, int(window_batch),
                  float(gaussian_sigma), channels, classes, output, accumulate)
     corners = _corners(padded, win, overlap)
     if len(corners) * len(flips) < plan.window_batch:
         # Fewer windows than a batch: a smaller batch, not rows of zeros.
         plan = dataclasses.replace(plan, window_batch=len(corners) * len(flips))
-    reads, cs, fl, valid = _device_items(plan, corners, flips)
+    reads, cs, fl, valid = _device_items(plan, padded, offset, corners, flips)
     extended_shape = tuple(p + o for p, o in zip(padded, offset))
     extended = np.empty(extended_shape + (channels,), np.float32)
     extended[...] = background_value(image)
@@ -641,7 +655,8 @@ def _device_predict(model, image: np.ndarray, window, fixed, overlap, gaussian_s
     program = _device_program(model, plan)
     return program([ops.convert_to_tensor(v.value) for v in model.trainable_variables],
                    [ops.convert_to_tensor(v.value) for v in model.non_trainable_variables],
-                   extended, weights, reads, cs, fl, valid)
+                   extended, weights, reads, cs, fl, valid,
+                   np.asarray(offset + shape, np.int32))
 
 
 # --------------------------------------------------------------------------------------------
