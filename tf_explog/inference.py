@@ -18,7 +18,10 @@ flip-symmetric whatever the model: ``TTA(flip_a(x)) = flip_a(TTA(x))``.
 :func:`predict_files` segments NIfTI files with a trained run (or a ``.keras`` file) and writes
 label maps that overlay the inputs voxel for voxel (same shape, affine and orientation).
 
-This module uses NumPy and Keras only (no TensorFlow import); run directories are read
+Windows are blended on the device by default: every TTA pass and window in one compiled
+program (see "Sliding windows blended on the device" below and ``docs/performance.md``);
+``blend="host"`` keeps the NumPy blending. The module uses NumPy and Keras; TensorFlow is
+imported only on the TensorFlow backend, for ``tf.function``. Run directories are read
 through :class:`tf_explog.runs.Run`.
 """
 
@@ -30,7 +33,7 @@ import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping, Optional, Sequence, Union
+from typing import Any, Mapping, Optional, Sequence, Union
 
 import keras
 import numpy as np
@@ -292,7 +295,7 @@ def predict_volume(
     blend: Optional[str] = None,
     output: str = "probabilities",
     accumulate: str = "float32",
-):
+) -> Any:
     """Class probabilities (or labels) of a whole preprocessed volume of any size.
 
     Without ``window`` (or when the volume fits in one window) the image is padded with its
