@@ -389,7 +389,8 @@ def predict_volume(
     if blend not in ("device", "host"):
         raise InferenceError(f"blend: expected 'device' or 'host', got {blend!r}")
     if output not in ("probabilities", "labels", "tensor"):
-        raise InferenceError(f"output: expected 'probabilities', 'labels' or 'tensor', got {output!r}")
+        raise InferenceError(f"output: expected 'probabilities', 'labels' or 'tensor', got "
+                             f"{output!r}")
     if accumulate not in ("float32", "float16", "int16"):
         raise InferenceError(f"accumulate: expected 'float32', 'float16' or 'int16', got "
                              f"{accumulate!r}")
@@ -494,8 +495,8 @@ def _trace_num_classes(model, batch_shape: tuple) -> int:
     shape = tuple(spec.shape)
     if len(shape) != 5 or tuple(shape[:4]) != tuple(batch_shape[:4]) or shape[4] is None:
         raise InferenceError(
-            f"model: expected probabilities [batch, D, H, W, K] for input {batch_shape}, got {shape}"
-        )
+            f"model: expected probabilities [batch, D, H, W, K] for input {batch_shape}, "
+            f"got {shape}")
     return int(shape[4])
 
 
