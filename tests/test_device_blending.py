@@ -118,7 +118,7 @@ def test_bad_blending_options(unet, kwargs, match):
 def test_validation_on_the_device_equals_validation_on_the_host(unet):
     rng = np.random.default_rng(8)
     volumes = [(_image(shape, i), rng.integers(0, 3, shape))
-               for i, shape in enumerate([(37, 29, 45), (20, 35, 18)])]
+               for i, shape in enumerate([(24, 19, 30), (20, 33, 17)])]
     loss = ExpLogLoss()
     kw = dict(window=(16, 16, 16), tta=(2,), loss=loss)
     device = validate_volumes(unet, volumes, 3, **kw)
