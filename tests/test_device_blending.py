@@ -190,3 +190,27 @@ def test_one_program_serves_every_volume_shape_on_tensorflow(unet):
                                                   blend="host"), atol=1e-5, rtol=0)
     programs = model.__dict__["_tf_explog_sliding_window"]
     assert len(programs) == (1 if keras.backend.backend() == "tensorflow" else 3)
+
+
+def test_predict_files_and_the_command_line_take_the_accumulator(tmp_path, unet):
+    import nibabel as nib
+
+    from tf_explog.cli import build_parser
+    from tf_explog.inference import predict_files
+
+    args = build_parser().parse_args(["predict", "--model", "m", "--input", "i", "--output",
+                                      "o", "--accumulate", "int16"])
+    assert args.accumulate == "int16"
+    image = _image((20, 18, 22), 9)[..., 0]
+    nib.save(nib.Nifti1Image(image, np.eye(4)), str(tmp_path / "a.nii.gz"))
+    written = {}
+    for accumulate in ("float32", "int16"):
+        path = predict_files(unet, tmp_path / "a.nii.gz", tmp_path / accumulate,
+                             progress=False, accumulate=accumulate)[0]
+        written[accumulate] = np.asarray(nib.load(str(path)).dataobj)
+    # Whole-volume prediction (one window): the fixed point rounds each probability once.
+    assert (written["int16"] == written["float32"]).mean() > 0.999
+    with pytest.raises(InferenceError, match="accumulate: expected"):
+        predict_files(unet, tmp_path / "a.nii.gz", tmp_path / "x", progress=False,
+                      accumulate="int8")
+    assert not (tmp_path / "x").exists()  # refused before anything was written

@@ -878,6 +878,9 @@ def predict_files(
     """
     if ids not in ("original", "class"):
         raise InferenceError(f"ids: expected 'original' or 'class', got {ids!r}")
+    if accumulate not in ("float32", "float16", "int16"):  # before any model or file is read
+        raise InferenceError(f"accumulate: expected 'float32', 'float16' or 'int16', got "
+                             f"{accumulate!r}")
     predictor = load_predictor(model)
     files = _list_inputs(inputs)
     _, channels = _model_input(predictor.model)
