@@ -2,6 +2,7 @@
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 
@@ -104,3 +105,28 @@ def test_file_errors_name_the_file(tmp_path):
         load_config(wrong)
     with pytest.raises(ConfigError, match="missing.yaml.*not found"):
         load_config(tmp_path / "missing.yaml")
+
+
+def test_bn_recalibration_patches_sets_the_patches_per_case(tmp_path):
+    from tf_explog.builders import recalibration_batches
+
+    assert config_from_dict(minimal()).train.bn_recalibration_patches == 8
+    with pytest.raises(ConfigError, match=r"train\.bn_recalibration_patches"):
+        config_from_dict(minimal(), ["train.bn_recalibration_patches=0"])
+    c = config_from_dict(minimal(), ["data.mode=patch", "data.patch_size=[16,16,16]",
+                                     "train.bn_recalibration_patches=3"])
+
+    class Entry:
+        def sample_patch(self, patch, rng, oversample):
+            return np.zeros(tuple(patch) + (1,), np.float32), None, None
+
+    class Volumes:
+        pairs = [("a", "a"), ("b", "b")]
+
+        class cache:
+            @staticmethod
+            def entry(*pair):
+                return Entry()
+
+    patches = list(recalibration_batches(c, Volumes())())
+    assert len(patches) == 2 * 3 and patches[0].shape == (1, 16, 16, 16, 1)

@@ -1,5 +1,6 @@
 """The console: one short line per epoch, and TensorFlow's native log lines filtered out."""
 
+import re
 import subprocess
 import sys
 
@@ -16,6 +17,15 @@ def test_epoch_line_is_short_and_shows_the_best_so_far():
     assert epoch_line(2, 40, logs, best=(0.66, 1)) == (
         "epoch 3/40  loss 0.9123  dice 0.6131  val_loss 0.8000  "
         "val_dice 0.6420 (best 0.6600 @2)  12.3 s")
+
+
+def test_epoch_line_says_how_long_validation_took():
+    logs = {"loss": 0.5, "val_dice": 0.7, "epoch_seconds": 3.04, "time_validation": 1.26,
+            "time_recalibration": 0.44}
+    assert epoch_line(0, 2, logs) == (
+        "epoch 1/2  loss 0.5000  val_dice 0.7000  3.0 s  val 1.3 s (+ BN 0.4 s)")
+    del logs["time_recalibration"]
+    assert epoch_line(0, 2, logs).endswith("  3.0 s  val 1.3 s")
 
 
 def test_native_log_lines_are_dropped_and_the_rest_kept():
@@ -53,4 +63,7 @@ def test_train_prints_one_short_line_per_epoch(tmp_path, capsys):
     epochs = [line for line in out if line.startswith("epoch ")]
     assert [line.split()[1] for line in epochs] == ["1/2", "2/2"]
     assert all(len(line) < 120 and "val_dice" in line for line in epochs), epochs
+    # Validation's time beside training's (BatchNorm recalibration is on by default).
+    assert all(re.search(r"  \d+\.\d s  val \d+\.\d s \(\+ BN \d+\.\d s\)$", line)
+               for line in epochs), epochs
     assert not any("dice_cortex" in line for line in out)  # per structure: TensorBoard, CSV

@@ -197,7 +197,8 @@ def recalibration_batches(config: Config, train_volumes):
     window = patch_window(config)
     if window is None:
         return clean_batches(train_volumes)
-    return clean_patches(train_volumes, window, config.data.oversample, seed=config.seed)
+    return clean_patches(train_volumes, window, config.data.oversample,
+                         per_case=config.train.bn_recalibration_patches, seed=config.seed)
 
 
 def inference_callbacks(config: Config, train_volumes, val_volumes, label_names,

@@ -31,6 +31,7 @@ __all__ = [
     "NonFiniteGuard",
     "InferenceValidation",
     "EpochTimer",
+    "StepCallbackList",
     "dice_from_counts",
     "validate_volumes",
     "non_finite_weights",
@@ -62,6 +63,58 @@ def _as_float(value) -> float:
     return float(np.asarray(keras.ops.convert_to_numpy(value)).reshape(-1)[0])
 
 
+def _overrides(callback, *names: str) -> bool:
+    """Whether ``callback`` defines any of the hooks ``names`` itself (not Keras' no-op)."""
+    return any(getattr(type(callback), n) is not getattr(keras.callbacks.Callback, n)
+               for n in names)
+
+
+def _python_logs(logs) -> dict:
+    """Log values as Python floats (what ``keras.callbacks.CallbackList`` passes on)."""
+    out = {}
+    for key, value in (logs or {}).items():
+        if isinstance(value, dict):
+            out.update(_python_logs(value))
+            continue
+        try:
+            out[key] = _as_float(value) if keras.ops.is_tensor(value) else float(value)
+        except (TypeError, ValueError, IndexError):
+            out[key] = value
+    return out
+
+
+class StepCallbackList(keras.callbacks.CallbackList):
+    """``CallbackList`` whose step-end hook does not wait for the step to finish.
+
+    Keras' own converts every logged value to a Python float at the end of every training
+    step (``pythonify_logs``), which waits for the step on the accelerator before the next
+    one can be queued, whether or not any callback reads the logs. Here a callback gets:
+
+    - nothing, when it does not define ``on_train_batch_end`` / ``on_batch_end``;
+    - the logs as they are (backend tensors, no wait), when it says ``tensor_logs = True``
+      (:class:`NonFiniteGuard`, which reads each step's loss one step later) or is a
+      ``BackupAndRestore`` saving per epoch (it never reads the logs);
+    - Python floats otherwise (converted once per step, as Keras does).
+
+    Pass it as ``model.fit(callbacks=StepCallbackList(callbacks, add_history=True,
+    model=model, epochs=..., steps=..., verbose=0))``.
+    """
+
+    def on_train_batch_end(self, batch, logs=None):
+        python = None
+        for callback in self.callbacks:
+            if not _overrides(callback, "on_train_batch_end", "on_batch_end"):
+                continue
+            if getattr(callback, "tensor_logs", False) or (
+                    isinstance(callback, keras.callbacks.BackupAndRestore)
+                    and callback.save_freq == "epoch"):
+                callback.on_train_batch_end(batch, logs)
+                continue
+            if python is None:
+                python = _python_logs(logs)
+            callback.on_train_batch_end(batch, python)
+
+
 class NonFiniteGuard(keras.callbacks.Callback):
     """Raises :class:`NonFiniteError` at the first non-finite loss or weight.
 
@@ -71,8 +124,12 @@ class NonFiniteGuard(keras.callbacks.Callback):
     last step of an epoch is read at the epoch's end, together with every logged value and
     every weight, before the callbacks after this one checkpoint anything.
 
-    Put it first among the callbacks.
+    Put it first among the callbacks. With :class:`StepCallbackList` (``tensor_logs``) the
+    loss arrives as a tensor and reading the one of the step before never waits for the
+    step just queued; Keras' own list converts it at every step anyway.
     """
+
+    tensor_logs = True  # reads logs["loss"] one step late: see StepCallbackList
 
     def __init__(self) -> None:
         super().__init__()
@@ -158,7 +215,9 @@ def validate_volumes(
 
     Each ``(image [D, H, W, C], labels [D, H, W])`` pair goes through
     :func:`tf_explog.inference.predict_volume` (padding to a multiple of 16, or sliding
-    windows of ``window`` blended with a Gaussian, optional flip TTA). Voxel counts are
+    windows of ``window`` blended with a Gaussian, optional flip TTA), blended on the device
+    unless ``predict`` is given: the probabilities stay there for the loss, and only the
+    argmax labels are copied to the host. Voxel counts are
     summed over all volumes before the Dice is taken (the definition of `PerLabelDice`).
 
     Args:
@@ -168,7 +227,8 @@ def validate_volumes(
         window, overlap, tta: see :func:`tf_explog.inference.predict_volume`.
         loss: optional ``loss(y_true, y_pred)`` evaluated per volume on the full-volume
             probabilities; its mean is returned as ``"loss"``.
-        predict: how to run a batch (default ``model.predict_on_batch``).
+        predict: how to run a batch on the host (e.g. :func:`eager_predict`, under a
+            tf.distribute strategy); default: blended on the device.
 
     Returns:
         ``{"dice": mean, "dice_per_label": [K], "loss": mean or None, "volumes": n}``.
@@ -180,17 +240,23 @@ def validate_volumes(
     true_sum = np.zeros(num_classes, np.int64)
     losses, n = [], 0
     for image, labels in volumes:
-        probs = predict_volume(model, image, window=window, overlap=overlap, tta=tta,
-                               predict_fn=predict)
-        pred = np.argmax(probs, axis=-1)
         truth = np.asarray(labels).astype(np.int64)
+        if predict is None:
+            # Blended on the device; only the labels (and the loss, a number) come back.
+            probs = predict_volume(model, image, window=window, overlap=overlap, tta=tta,
+                                   output="tensor")
+            pred = np.asarray(keras.ops.convert_to_numpy(keras.ops.argmax(probs, axis=-1)))
+        else:
+            probs = predict_volume(model, image, window=window, overlap=overlap, tta=tta,
+                                   predict_fn=predict)
+            pred = np.argmax(probs, axis=-1)
         valid = (truth >= 0) & (truth < num_classes)
         t, p = truth[valid], pred[valid]
         tp += np.bincount(t[t == p], minlength=num_classes)[:num_classes]
         pred_sum += np.bincount(p, minlength=num_classes)[:num_classes]
         true_sum += np.bincount(t, minlength=num_classes)[:num_classes]
         if loss is not None:
-            value = loss(truth[np.newaxis].astype(np.int32), probs[np.newaxis])
+            value = loss(truth[np.newaxis].astype(np.int32), keras.ops.expand_dims(probs, 0))
             losses.append(_as_float(value))
         n += 1
     if n == 0:

@@ -131,7 +131,8 @@ def cmd_predict(args) -> int:
     written = predict_files(args.model, args.input, args.output, overwrite=args.overwrite,
                             save_probabilities=args.probabilities, tta=args.tta,
                             progress=sys.stdout.isatty(),
-                            window_batch=args.window_batch, ids=args.ids)
+                            window_batch=args.window_batch, ids=args.ids,
+                            accumulate=args.accumulate)
     print(f"wrote {len(written)} segmentation(s) to {args.output}")
     return 0
 
@@ -280,6 +281,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--probabilities", action="store_true", help="also save probabilities")
     p.add_argument("--tta", action="store_true", help="flip test-time augmentation")
     p.add_argument("--window-batch", type=int, default=1)
+    p.add_argument("--accumulate", choices=("float32", "int16", "float16"), default="float32",
+                   help="sliding-window sum on the device: int16/float16 halve its memory "
+                        "(docs/performance.md)")
     p.add_argument("--ids", choices=("original", "class"), default="original",
                    help="with a label map: write original ids (each class as the first id "
                         "it lists) or class indices")

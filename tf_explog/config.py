@@ -169,6 +169,9 @@ class TrainConfig:
     # validation, checkpoint and at the end (tf_explog.batchnorm); false keeps Keras' EMA.
     bn_recalibration: bool = True
     bn_recalibration_passes: int = 1  # 1: batch statistics while collecting; more: refine
+    # Patch mode: training-like patches per training case it recalibrates on (measured:
+    # 4 kept the validation Dice of 8, bench/bn_patches.py; docs/performance.md).
+    bn_recalibration_patches: int = 8
     validation_every: int = 1  # epochs between inference-mode validations
     validation_tta: bool = False  # flip test-time augmentation in validation
     # Stop after the epoch that would otherwise end past this many seconds of training
@@ -194,6 +197,7 @@ class TrainConfig:
         _choice(f"{key}.strategy", self.strategy, ("none", "mirrored", "multi_worker"))
         _range(f"{key}.image_summary_every", self.image_summary_every, 0, 10**6)
         _range(f"{key}.bn_recalibration_passes", self.bn_recalibration_passes, 1, 100)
+        _range(f"{key}.bn_recalibration_patches", self.bn_recalibration_patches, 1, 10**4)
         _range(f"{key}.validation_every", self.validation_every, 1, 10**6)
         if self.time_budget_s is not None:
             _range(f"{key}.time_budget_s", self.time_budget_s, 1e-3, 1e9)

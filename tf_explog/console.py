@@ -39,13 +39,14 @@ def _fmt(value) -> str:
 
 def epoch_line(epoch: int, epochs: Optional[int], logs: Mapping, best: Optional[tuple] = None,
                monitor: str = "val_dice") -> str:
-    """``epoch 3/40  loss 0.9120  dice 0.6130  val_dice 0.6420 (best 0.6600 @2)  12.3 s``.
+    """``epoch 3/40  loss 0.9120  dice 0.6130  val_dice 0.6420 (best 0.6600 @2)  12.3 s  val 1.2 s``.
 
     Args:
         epoch: the epoch, 0-based (shown 1-based).
         epochs: the total, or None.
         logs: the epoch's logs (``loss``, ``dice``, ``val_loss``, ``val_dice``,
-            ``epoch_seconds`` are shown when present).
+            ``epoch_seconds`` (training), ``time_validation`` and ``time_recalibration``
+            are shown when present).
         best: ``(value, epoch 0-based)`` of the best ``monitor`` so far, or None.
         monitor: the key ``best`` refers to.
     """
@@ -58,6 +59,12 @@ def epoch_line(epoch: int, epochs: Optional[int], logs: Mapping, best: Optional[
             parts.append(text)
     if "epoch_seconds" in logs:
         parts.append(f"{float(logs['epoch_seconds']):.1f} s")
+    if "time_validation" in logs:
+        # Validation's own cost (BatchNorm recalibration beside it), apart from training's.
+        text = f"val {float(logs['time_validation']):.1f} s"
+        if "time_recalibration" in logs:
+            text += f" (+ BN {float(logs['time_recalibration']):.1f} s)"
+        parts.append(text)
     return "  ".join(parts)
 
 

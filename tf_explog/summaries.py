@@ -207,7 +207,7 @@ class TensorBoardSummary(keras.callbacks.Callback):
             from tf_explog.inference import predict_volume
 
             image, labels = self.sample
-            pred = predict_volume(self.model, image, window=self.window).argmax(-1)
+            pred = predict_volume(self.model, image, window=self.window, output="labels")
             fig = overlay_figure(image, labels, pred, self.label_names,
                                  title=f"epoch {epoch + 1}: middle slices")
             # TensorBoard shows the first description a tag was written with for every step,

@@ -32,7 +32,7 @@ import keras
 
 from tf_explog.builders import TrainingSetup, monitor_name
 from tf_explog.callbacks import (BestCheckpoint, EpochSummary, MetricsCSV, ResumeState,
-                                 TimeBudget)
+                                 StepCallbackList, TimeBudget)
 from tf_explog.config import Config, ConfigError
 from tf_explog.environment import command_line, device_description, environment
 from tf_explog.errors import EnvironmentFault, InputError, NonFiniteError
@@ -374,6 +374,10 @@ def _fit(config: Config, run: Run, setup: TrainingSetup, extra_callbacks, fresh:
           f"backend={keras.backend.backend()} seed={config.seed} "
           f"policy={config.train.dtype_policy} jit={jit} strategy={config.train.strategy} "
           f"replicas={replicas}", flush=True)
+    # No host synchronisation per step: see StepCallbackList.
+    callbacks = StepCallbackList(callbacks, add_history=True, add_progbar=False, model=model,
+                                 verbose=0, epochs=config.train.epochs,
+                                 steps=config.train.steps_per_epoch)
     history = model.fit(
         train_data, epochs=config.train.epochs,
         steps_per_epoch=config.train.steps_per_epoch, callbacks=callbacks,
