@@ -334,14 +334,9 @@ def machine_description() -> str:
     """CPU model, cores and library versions, one line."""
     import keras
 
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((line.split(":", 1)[1].strip() for line in f
-                        if line.startswith("model name")), cpu)
-    except OSError:
-        pass
-    return (f"{cpu}, {os.cpu_count()} CPUs, Python {platform.python_version()}, Keras "
+    from tf_explog.environment import cpu_name
+
+    return (f"{cpu_name()}, {os.cpu_count()} CPUs, Python {platform.python_version()}, Keras "
             f"{keras.__version__} on {keras.backend.backend()}")
 
 

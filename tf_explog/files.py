@@ -154,6 +154,8 @@ def temporary_name(path: PathLike) -> Path:
 
 
 def _fsync(path: Path) -> None:
+    """fsync a file or a folder; silently skipped where the system cannot (not every system
+    can open a directory)."""
     with contextlib.suppress(OSError):
         fd = os.open(path, os.O_RDONLY)
         try:
@@ -162,13 +164,7 @@ def _fsync(path: Path) -> None:
             os.close(fd)
 
 
-def _fsync_dir(folder: Path) -> None:
-    with contextlib.suppress(OSError):  # not every system can open a directory
-        fd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+_fsync_dir = _fsync
 
 
 def temporary_prefix(name: str) -> str:
