@@ -217,7 +217,8 @@ def test_fixed_size_model_gets_its_window():
         ({}, (16, 16, 16), r"image: expected \[D, H, W, C\]"),
         ({}, (1, 16, 16, 16, 1), r"image: expected \[D, H, W, C\]"),
         ({}, (16, 16, 16, 2), "2 channel.*expects 1"),
-        ({"window": 24}, (16, 16, 16, 1), "multiples of 16"),
+        # the divisor is read from the model's pooling layers (1 here) unless given
+        ({"window": 24, "divisor": 16}, (16, 16, 16, 1), "multiples of 16"),
         ({"overlap": 1.0}, (16, 16, 16, 1), "overlap"),
         ({"window_batch": 0}, (16, 16, 16, 1), "window_batch"),
         ({"tta": (0, 3)}, (16, 16, 16, 1), "tta"),

@@ -601,7 +601,7 @@ def test_a_kill_between_the_state_write_and_its_rename_loses_nothing(base, tmp_p
     with open(run / "metrics.csv") as f:
         import csv
 
-        assert [int(r["epoch"]) for r in csv.DictReader(f)] == [0, 1, 2]
+        assert [int(r["epoch"]) for r in csv.DictReader(f)] == [1, 2, 3]
     assert (run / "checkpoints" / "final.keras").is_file() and not (run / "backup").exists()
     assert _hidden(run) == []
 
@@ -748,7 +748,7 @@ def test_a_full_disk_after_an_epoch_marks_the_run_and_resume_finishes_it(
     with open(run / "metrics.csv") as f:
         import csv
 
-        assert [int(r["epoch"]) for r in csv.DictReader(f)] == [0, 1]
+        assert [int(r["epoch"]) for r in csv.DictReader(f)] == [1, 2]
     assert _hidden(run) == []
 
 

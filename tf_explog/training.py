@@ -244,12 +244,6 @@ def train(config: Config, *, resume: str | Path | None = None, extra_callbacks=(
             run = Run.create(config, run_dir)
             if config.train.strategy != "multi_worker":
                 held.enter_context(run.lock())
-        else:
-            # The session that continues it may run elsewhere: keep a line per session.
-            sessions = list(run.info.get("resumed") or [])
-            sessions.append({"at": datetime.now().isoformat(timespec="seconds"),
-                             "command": command_line(), "environment": environment()})
-            run.update_info(status="running", resumed=sessions)
         return _train_locked(config, run, setup, extra_callbacks, fresh=resume is None,
                              start=start)
 
@@ -292,10 +286,32 @@ def _first_difference(a, b, prefix: str = ""):
     return None if a == b else (prefix.rstrip("."), a, b)
 
 
+class _SessionRecord(keras.callbacks.Callback):
+    """Notes in run.json that this process trains the run, once training really begins.
+
+    Placed after `ResumeState`, so a ``--resume`` refused for a torn or mismatched state (or
+    anything else before the first step) leaves run.json exactly as it was. A resumed run
+    keeps one line per session: the session that continues it may run elsewhere.
+    """
+
+    def __init__(self, run: Run, fresh: bool) -> None:
+        super().__init__()
+        self.run, self.fresh, self.began = run, fresh, False
+
+    def on_train_begin(self, logs=None):
+        self.began = True
+        if not self.fresh:
+            sessions = list(self.run.info.get("resumed") or [])
+            sessions.append({"at": datetime.now().isoformat(timespec="seconds"),
+                             "command": command_line(), "environment": environment()})
+            self.run.update_info(status="running", resumed=sessions)
+
+
 def _train_locked(config: Config, run: Run, setup: TrainingSetup, extra_callbacks,
                   fresh: bool, start: float) -> TrainResult:
     """`train` once the run is held by this process."""
     run.remove_stale_temporaries()  # left by a writer that was killed
+    session = _SessionRecord(run, fresh)
     keras.utils.set_random_seed(config.seed)
     previous_policy = keras.config.dtype_policy()
     keras.config.set_dtype_policy(config.train.dtype_policy)
@@ -303,9 +319,10 @@ def _train_locked(config: Config, run: Run, setup: TrainingSetup, extra_callback
         if config.train.strategy == "multi_worker":
             from tf_explog.distributed import train_multi_worker
 
+            session.on_train_begin()  # its custom loop takes no callbacks
             history = train_multi_worker(config, run, setup, fresh=fresh)
         else:
-            history = _fit(config, run, setup, extra_callbacks, fresh=fresh)
+            history = _fit(config, run, setup, [*extra_callbacks, session], fresh=fresh)
     except NonFiniteError as err:
         # Marked so nobody takes the run for a finished one; best.keras (if any) is from an
         # earlier, finite epoch.
@@ -327,8 +344,10 @@ def _train_locked(config: Config, run: Run, setup: TrainingSetup, extra_callback
     except BaseException:
         # A run that never finished an epoch holds nothing to resume: leave no empty folder.
         # Later failures keep the resume state (--resume continues at the last epoch).
-        if not (fresh and run.discard_if_empty()) and (run.path / "run.json").is_file():
-            # Resumable: say so in run.json (the results so far, status "interrupted").
+        discarded = fresh and run.discard_if_empty()
+        if not discarded and session.began and (run.path / "run.json").is_file():
+            # Resumable: say so in run.json (the results so far, status "interrupted"); a
+            # resume refused before training began leaves run.json untouched.
             try:
                 record_results(run, monitor_name(config), time.perf_counter() - start,
                                "interrupted")
