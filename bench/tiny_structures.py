@@ -82,7 +82,6 @@ def part1(maps: Path, count: int) -> None:
 def part2(dataset: Path, config: Path, arm: str, patches: int) -> None:
     from tf_explog.builders import TrainingSetup
     from tf_explog.experiments import arm_train_config
-    from tf_explog.losses import class_weights_from_frequencies
 
     cfg = arm_train_config(config, arm, [f"data.dataset={dataset.resolve()}"])
     setup = TrainingSetup.from_config(cfg)
