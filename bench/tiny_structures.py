@@ -81,9 +81,12 @@ def part1(maps: Path, count: int) -> None:
 
 def part2(dataset: Path, config: Path, arm: str, patches: int) -> None:
     from tf_explog.builders import TrainingSetup
-    from tf_explog.experiments import arm_train_config
+    from tf_explog.experiments import _arm_train_config, load_reproduce_config
 
-    cfg = arm_train_config(config, arm, [f"data.dataset={dataset.resolve()}"])
+    # The arm's settings on the given data set (nothing is synthesised here).
+    rc, base_dir = load_reproduce_config(config)
+    cfg = _arm_train_config(rc, base_dir, arm, rc.arms[arm],
+                            [f"data.dataset={dataset.resolve()}"])
     setup = TrainingSetup.from_config(cfg)
     from tf_explog.data.sampling import SplitSampler
 
@@ -122,7 +125,8 @@ def main() -> None:
     parser.add_argument("--patches", type=int, default=200)
     parser.add_argument("--count", type=int, default=10, help="label maps to read")
     args = parser.parse_args()
-    part1(Path(args.maps), args.count)
+    if args.count:
+        part1(Path(args.maps), args.count)
     if args.dataset:
         for arm in ("recipe_2mm", "recipe"):
             part2(Path(args.dataset), Path(args.config), arm, args.patches)
