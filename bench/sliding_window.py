@@ -68,7 +68,7 @@ def forward_only(model, image: np.ndarray, window: tuple, overlap: float, window
 
     win = _pass_window(image.shape[:3], window, False, 16)
     padded = tuple(max(s, w) for s, w in zip(image.shape[:3], win))
-    from tf_explog.data.core import pad_end
+    from tf_explog.geometry import pad_end
 
     x = pad_end(image, padded)
     crops = [x[tuple(slice(c, c + w) for c, w in zip(corner, win))]
@@ -106,7 +106,7 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
 
     from tf_explog.folding import fold_batchnorm
-    from tf_explog.inference import _flip_sets, predict_volume
+    from tf_explog.sliding_window import _flip_sets, predict_volume
     from tf_explog.models import build_model
 
     keras.utils.set_random_seed(0)

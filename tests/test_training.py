@@ -266,7 +266,7 @@ class PoisonWeights(keras.callbacks.Callback):
 def test_nan_stops_training_with_one_line_and_a_failure_status(dataset, tmp_path, monkeypatch,
                                                                capsys):
     from tf_explog import cli
-    from tf_explog.callbacks import non_finite_weights
+    from tf_explog.models import non_finite_weights
 
     original = training.standard_callbacks
 

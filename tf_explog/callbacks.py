@@ -25,6 +25,7 @@ import numpy as np
 
 from tf_explog.errors import InputError, NonFiniteError
 from tf_explog.metrics import _log_key
+from tf_explog.models import non_finite_weights
 
 __all__ = [
     "NonFiniteError",
@@ -34,7 +35,6 @@ __all__ = [
     "StepCallbackList",
     "dice_from_counts",
     "validate_volumes",
-    "non_finite_weights",
     "eager_predict",
     "MetricsCSV",
     "BestCheckpoint",
@@ -47,16 +47,6 @@ __all__ = [
 # --------------------------------------------------------------------------------------
 # Non-finite values
 # --------------------------------------------------------------------------------------
-
-
-def non_finite_weights(model: keras.Model) -> list:
-    """Paths of the model's variables holding NaN or Inf (empty when all are finite)."""
-    bad = []
-    for variable in model.weights:
-        value = np.asarray(keras.ops.convert_to_numpy(variable.value))
-        if np.issubdtype(value.dtype, np.floating) and not np.all(np.isfinite(value)):
-            bad.append(variable.path)
-    return bad
 
 
 def _as_float(value) -> float:
@@ -233,7 +223,7 @@ def validate_volumes(
     Returns:
         ``{"dice": mean, "dice_per_label": [K], "loss": mean or None, "volumes": n}``.
     """
-    from tf_explog.inference import predict_volume
+    from tf_explog.sliding_window import predict_volume
 
     tp = np.zeros(num_classes, np.int64)
     pred_sum = np.zeros(num_classes, np.int64)

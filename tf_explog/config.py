@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,10 +18,26 @@ from typing import Any, Optional, Union
 
 import yaml
 from tf_explog.errors import InputError
+from tf_explog.geometry import DIVISOR, POOLINGS, network_divisor
 
 
 class ConfigError(InputError):
     """A configuration value is missing, unknown, of the wrong type or out of range."""
+
+
+# A run name is one folder name: letters, digits and . _ - (not "." or ".."), so that a
+# config can never place its run outside runs_dir (``runs_dir/<name>/<stamp>/``).
+_RUN_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,127}$")
+
+
+def check_run_name(name: str, key: str = "name") -> str:
+    """``name`` if it is a plain folder name (see ``_RUN_NAME``); else a `ConfigError`
+    naming ``key``."""
+    if not isinstance(name, str) or not _RUN_NAME.match(name) or name in (".", ".."):
+        raise ConfigError(f"{key} must be a folder name of letters, digits, '.', '_' and '-' "
+                          f"(not starting with '.' or '-', at most 128 characters); got "
+                          f"{name!r}.")
+    return name
 
 
 @dataclass
@@ -95,9 +112,9 @@ class DataConfig:
         _choice(f"{key}.mode", self.mode, ("volume", "patch"))
         _length(f"{key}.patch_size", self.patch_size, 3)
         for size in self.patch_size:
-            if size <= 0 or size % 16:
-                raise ConfigError(f"{key}.patch_size must be positive multiples of 16 "
-                                  f"(4 poolings); got {self.patch_size}.")
+            if size <= 0 or size % DIVISOR:
+                raise ConfigError(f"{key}.patch_size must be positive multiples of {DIVISOR} "
+                                  f"({POOLINGS} poolings); got {self.patch_size}.")
         _range(f"{key}.oversample", self.oversample, 0.0, 1.0)
         _range(f"{key}.validation_fraction", self.validation_fraction, 0.0, 0.9)
         _choice(f"{key}.unknown_labels", self.unknown_labels, ("raise", "background"))
@@ -218,12 +235,7 @@ class Config:
     base_dir: str = field(default=".", metadata={"internal": True})
 
     def validate(self):
-        from tf_explog.runs import RunError, check_run_name
-
-        try:
-            check_run_name(self.name)  # the run folder must stay inside runs_dir
-        except RunError as err:
-            raise ConfigError(str(err)) from None
+        check_run_name(self.name)  # the run folder must stay inside runs_dir
         # NumPy, Python and the backends all accept seeds in [0, 2**32).
         _range("seed", self.seed, 0, 2**32 - 1)
         self.data.validate("data")
@@ -234,18 +246,20 @@ class Config:
         if self.data.mode == "volume" and target is not None:
             # Whole volumes reach the network at this shape: it must survive 4 poolings.
             sizes = [target] * 3 if isinstance(target, int) else list(target)
-            if any(int(s) % 16 for s in sizes):
-                raise ConfigError(f"data.preprocess.target_shape must be multiples of 16 in "
-                                  f"volume mode (the network halves the resolution 4 times); "
-                                  f"got {target!r}.")
+            if any(int(s) % DIVISOR for s in sizes):
+                raise ConfigError(f"data.preprocess.target_shape must be multiples of "
+                                  f"{DIVISOR} in volume mode (the network halves the "
+                                  f"resolution {POOLINGS} times); got {target!r}.")
         factor = self.model.input_downsample
         if factor > 1:
             if self.data.mode != "patch":
                 raise ConfigError(f"model.input_downsample: {factor} needs data.mode: patch "
-                                  f"(whole volumes are padded to multiples of 16 only); got "
+                                  f"(whole volumes are padded to multiples of {DIVISOR} only); "
+                                  f"got "
                                   f"data.mode: {self.data.mode}.")
-            if any(size % (16 * factor) for size in self.data.patch_size):
-                raise ConfigError(f"data.patch_size must be multiples of {16 * factor} with "
+            divisor = network_divisor(factor)
+            if any(size % divisor for size in self.data.patch_size):
+                raise ConfigError(f"data.patch_size must be multiples of {divisor} with "
                                   f"model.input_downsample: {factor}; got "
                                   f"{self.data.patch_size}.")
         return self

@@ -17,7 +17,7 @@ Anything else that escapes is a bug, reported with its traceback.
 from __future__ import annotations
 
 __all__ = ["TfExplogError", "InputError", "EnvironmentFault", "NonFiniteError",
-           "RunsFailed"]
+           "RunsFailed", "InferenceError", "ModelNotFoundError"]
 
 
 class TfExplogError(Exception):
@@ -31,6 +31,14 @@ class InputError(TfExplogError, ValueError):
 class EnvironmentFault(InputError):
     """A full disk, a read-only file system or a permission refused; the message says where
     and what to do."""
+
+
+class InferenceError(InputError):
+    """Bad input to inference (model, image or file); the message names the culprit."""
+
+
+class ModelNotFoundError(InferenceError, FileNotFoundError):
+    """The model path (run directory or ``.keras`` file) does not exist."""
 
 
 class NonFiniteError(TfExplogError, RuntimeError):

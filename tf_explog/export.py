@@ -53,6 +53,7 @@ import numpy as np
 import tensorflow as tf
 from tf_explog.errors import InputError
 from tf_explog.files import remove_stale_temporaries
+from tf_explog.geometry import spatial_divisor
 from tf_explog.labels import SEGMENTATION
 
 __all__ = [
@@ -73,7 +74,6 @@ LABELS_SIGNATURE = "labels"
 METADATA_FILE = "metadata.json"
 METADATA_FORMAT = 1
 ORIENTATION = "RAS"
-DEFAULT_PAD_MULTIPLE = 16
 
 # TF Serving puts the model name in URLs and only loads numeric version directories.
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
@@ -139,7 +139,7 @@ def export_saved_model(
     source = _resolve_source(model_or_run_dir, checkpoint)
     model = source["model"]
     channels, num_classes = _model_io(model, source["what"])
-    from tf_explog.callbacks import non_finite_weights
+    from tf_explog.models import non_finite_weights
 
     bad = non_finite_weights(model)
     if bad:
@@ -156,7 +156,7 @@ def export_saved_model(
             f"{channels} input channel(s)"
         )
     label_values = _label_values(pre.label_map, num_classes, source["what"])
-    multiple = _pad_multiple(model) if pad_multiple is None else _check_multiple(pad_multiple)
+    multiple = spatial_divisor(model) if pad_multiple is None else _check_multiple(pad_multiple)
 
     name = source["default_name"] if name is None else name
     _check_name(name)
@@ -450,7 +450,8 @@ def _resolve_source(obj: Any, checkpoint: str) -> dict:
 
 def _load_model(path: Path) -> keras.Model:
     """The inference loader (custom objects registered), its errors as `ExportError`."""
-    from tf_explog.inference import InferenceError, ModelNotFoundError, load_keras_model
+    from tf_explog.errors import InferenceError, ModelNotFoundError
+    from tf_explog.inference import load_keras_model
 
     from tf_explog.folding import fold_batchnorm
 
@@ -544,13 +545,6 @@ def _label_values(label_map: Optional[Mapping], num_classes: int, what: str) -> 
             f"{missing} of a {num_classes}-class model"
         )
     return [int(table[i]) for i in range(num_classes)]
-
-
-def _pad_multiple(model: keras.Model) -> int:
-    """The multiple spatial sizes are padded to (16 for 4 poolings); see `spatial_divisor`."""
-    from tf_explog.models import spatial_divisor
-
-    return spatial_divisor(model)
 
 
 def _check_multiple(value: Any) -> int:

@@ -17,6 +17,7 @@ from typing import Any
 import keras
 from keras import layers, ops
 from tf_explog.errors import InputError
+from tf_explog.geometry import DIVISOR
 
 __all__ = ["Block", "SpatialSizeCheck"]
 
@@ -183,7 +184,7 @@ class SpatialSizeCheck(layers.Layer):
         divisor: the multiple each spatial size must be.
     """
 
-    def __init__(self, divisor: int = 16, **kwargs) -> None:
+    def __init__(self, divisor: int = DIVISOR, **kwargs) -> None:
         super().__init__(**kwargs)
         self.divisor = _positive_int(divisor, "divisor")
 
@@ -195,7 +196,7 @@ class SpatialSizeCheck(layers.Layer):
             raise InputError(
                 f"{self.name}: input spatial size(s) {', '.join(bad)} of shape {shape} are "
                 f"not multiples of {self.divisor}; pad the volume (e.g. "
-                "tf_explog.data.core.pad_to_multiple, or predict with "
+                "tf_explog.geometry.pad_to_multiple, or predict with "
                 "tf_explog.inference.predict_volume, which pads and crops back)")
         return inputs
 

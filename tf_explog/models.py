@@ -14,15 +14,16 @@ from numbers import Integral
 from typing import Any, Sequence
 
 import keras
+import numpy as np
 from keras import layers
 
+from tf_explog.errors import InputError
+from tf_explog.geometry import network_divisor, spatial_divisor
+from tf_explog.labels import SEGMENTATION, aux_name
 from tf_explog.layers import Block, LinearUpsampling3D, SpatialSizeCheck
 
-__all__ = ["build_model", "aux_loss_weights", "output_names", "spatial_divisor", "SEGMENTATION",
-           "aux_name"]
-
-from tf_explog.labels import SEGMENTATION, aux_name  # noqa: E402  (output names live there)
-from tf_explog.errors import InputError
+__all__ = ["build_model", "aux_loss_weights", "output_names", "spatial_divisor",
+           "non_finite_weights", "SEGMENTATION", "aux_name"]
 
 
 def _int_tuple(value: Any, what: str, length: int | None = None) -> tuple[int, ...]:
@@ -157,7 +158,7 @@ def build_model(
     if input_downsample not in (1, 2, 4) or isinstance(input_downsample, bool):
         raise InputError(f"build_model: input_downsample must be 1, 2 or 4, got "
                          f"{input_downsample!r}")
-    divisor = 2 ** (levels - 1) * input_downsample
+    divisor = network_divisor(input_downsample, poolings=levels - 1)
     input_shape = _check_input_shape(input_shape, divisor)
     if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
         raise InputError(f"build_model: num_classes must be an integer >= 2, got {num_classes!r}")
@@ -247,19 +248,14 @@ def aux_loss_weights(n_aux: int, decay: float = 0.5) -> dict[str, float]:
     return {key: value / total for key, value in raw.items()}
 
 
-def spatial_divisor(model: keras.Model) -> int:
-    """The multiple every spatial input size must be: the product of the strides of the
-    pooling (and strided convolution) layers along the first axis — 16 for the paper's
-    network, 32 with ``input_downsample=2``."""
-    factor = 1
-    stack = list(model.layers)
-    while stack:
-        layer = stack.pop()
-        if isinstance(layer, keras.Model):
-            stack.extend(layer.layers)
-        elif isinstance(layer, (layers.MaxPooling3D, layers.AveragePooling3D, layers.Conv3D)):
-            factor *= int(layer.strides[0])
-    return max(factor, 1)
+def non_finite_weights(model: keras.Model) -> list:
+    """Paths of the model's variables holding NaN or Inf (empty when all are finite)."""
+    bad = []
+    for variable in model.weights:
+        value = np.asarray(keras.ops.convert_to_numpy(variable.value))
+        if np.issubdtype(value.dtype, np.floating) and not np.all(np.isfinite(value)):
+            bad.append(variable.path)
+    return bad
 
 
 def output_names(model: keras.Model) -> list[str]:

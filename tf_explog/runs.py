@@ -35,17 +35,17 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import re
 from dataclasses import dataclass
 from datetime import datetime
 from functools import cached_property
 from pathlib import Path
 from typing import Any, Optional, Sequence, Union
 
+from tf_explog.config import ConfigError, check_run_name, config_from_dict
 from tf_explog.errors import InputError
 from tf_explog.files import atomic_path, atomic_write, write_json
 
-__all__ = ["Run", "RunError", "RunNotFoundError", "check_run_name"]
+__all__ = ["Run", "RunError", "RunNotFoundError"]
 
 PathLike = Union[str, os.PathLike]
 
@@ -62,25 +62,12 @@ DONE_FILE = "DONE.json"
 PREDICTIONS_DIR = "test_predictions"
 LOCK_FILE = ".lock"
 
-# A run name is one folder name: letters, digits and . _ - (not "." or ".."), so that a
-# config can never place its run outside runs_dir.
-_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,127}$")
-
-
 class RunError(InputError):
     """A run directory is missing, malformed, failed or not in the state asked for."""
 
 
 class RunNotFoundError(RunError, FileNotFoundError):
     """The path is not a run directory (missing, or no ``run.json``)."""
-
-
-def check_run_name(name: str, key: str = "name") -> str:
-    """``name`` if it is a plain folder name (see ``_NAME``); else a `RunError` naming ``key``."""
-    if not isinstance(name, str) or not _NAME.match(name) or name in (".", ".."):
-        raise RunError(f"{key} must be a folder name of letters, digits, '.', '_' and '-' "
-                       f"(not starting with '.' or '-', at most 128 characters); got {name!r}.")
-    return name
 
 
 def _child(name: str) -> property:
@@ -105,7 +92,7 @@ class Run:
         ``<runs_dir>/<name>/<timestamp>/`` (a numeric suffix avoids collisions).
 
         Raises:
-            RunError: a name that is not a plain folder name.
+            ConfigError: a name that is not a plain folder name.
             FileExistsError: ``path`` exists.
         """
         if path is not None:
@@ -211,8 +198,6 @@ class Run:
     @property
     def config(self):
         """The resolved `tf_explog.config.Config` the run was started with."""
-        from tf_explog.config import ConfigError, config_from_dict
-
         try:
             config = config_from_dict(self._field("config", dict))
         except ConfigError as err:

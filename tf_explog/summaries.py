@@ -204,7 +204,7 @@ class TensorBoardSummary(keras.callbacks.Callback):
         from tf_explog.plots import dice_by_structure_figure, figure_png, overlay_figure
 
         if self.sample is not None:
-            from tf_explog.inference import predict_volume
+            from tf_explog.sliding_window import predict_volume
 
             image, labels = self.sample
             pred = predict_volume(self.model, image, window=self.window, output="labels")

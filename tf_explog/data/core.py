@@ -25,14 +25,11 @@ import numpy as np
 from .cache import CacheEntry, VolumeCache
 from .manifest import Manifest
 from .preprocess import Preprocessor
+from tf_explog.geometry import pad_to_multiple, window_starts
 
-__all__ = ["read_volume", "SplitVolumes", "split_volumes", "clean_batches", "pad_to_multiple",
-           "pad_end", "background_value", "DIVISOR"]
+__all__ = ["read_volume", "SplitVolumes", "split_volumes", "clean_batches", "clean_patches"]
 
 PathLike = Union[str, os.PathLike]
-
-#: Spatial sizes the paper network accepts are multiples of this (4 poolings).
-DIVISOR = 16
 
 
 def read_volume(entry: CacheEntry) -> tuple:
@@ -82,34 +79,8 @@ def split_volumes(manifest: Manifest, split: str, preprocessor: Preprocessor,
                         VolumeCache(cache_dir, manifest.preprocessor_for(preprocessor)))
 
 
-def background_value(image: np.ndarray) -> np.ndarray:
-    """The background intensity of a preprocessed ``[D, H, W, C]`` image: its minimum per
-    channel (z-scoring maps the scan's background far below 0, the mean tissue value)."""
-    return np.asarray(image).reshape(-1, image.shape[-1]).min(axis=0)
-
-
-def pad_end(image: np.ndarray, shape: Sequence[int], value=None) -> np.ndarray:
-    """Pads ``[D, H, W, C]`` at the end of each spatial axis up to ``shape`` with ``value``
-    (default :func:`background_value`; one number, or one per channel)."""
-    shape = tuple(int(s) for s in shape)
-    if tuple(image.shape[:3]) == shape:
-        return image
-    out = np.empty(shape + image.shape[3:], image.dtype)
-    out[...] = background_value(image) if value is None else np.asarray(value, image.dtype)
-    out[tuple(slice(0, s) for s in image.shape[:3])] = image
-    return out
-
-
-def pad_to_multiple(image: np.ndarray, divisor: int = DIVISOR, value=None) -> np.ndarray:
-    """Pads ``[D, H, W, C]`` at the end of each spatial axis to a multiple of ``divisor``
-    with the background (what :func:`tf_explog.inference.predict_volume` does)."""
-    return pad_end(image, [-(-s // divisor) * divisor for s in image.shape[:3]], value)
-
-
 def _tiles(image: np.ndarray, window: Sequence[int]) -> Iterator[np.ndarray]:
     """Non-overlapping windows covering the volume (the last one flush with the end)."""
-    from tf_explog.inference import window_starts
-
     image = pad_to_multiple(image)
     shape = image.shape[:3]
     win = [min(w, s) for w, s in zip(window, shape)]
