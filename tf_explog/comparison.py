@@ -212,48 +212,18 @@ def write_report(out: Path, rc, results: dict, failures: dict, label_names,
 
 
 def _plots(out: Path, res: _Results, name_of) -> None:
-    import matplotlib
+    from tf_explog.plots import arm_dice_png, convergence_png
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from tf_explog.plots import figure_png
-
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    curves = {}
     for a in res.arms:
-        curves = [s["history"].get("val_dice") for s in res.results[a].values()]
-        curves = [c for c in curves if c]
-        if not curves:
+        split_curves = [s["history"].get("val_dice") for s in res.results[a].values()]
+        split_curves = [c for c in split_curves if c]
+        if not split_curves:
             continue
-        n = min(len(c) for c in curves)
-        stack = np.array([c[:n] for c in curves], float)
-        epochs = np.arange(1, n + 1) * res.results[a][min(res.results[a])].get(
-            "validation_every", 1)
-        line, = ax.plot(epochs, stack.mean(0), label=a)
-        if len(curves) > 1:
-            ax.fill_between(epochs, stack.min(0), stack.max(0), color=line.get_color(),
-                            alpha=0.15, linewidth=0)
-    ax.set_xlabel("epoch")
-    ax.set_ylabel("validation mean Dice (inference mode)")
-    _finish(ax)
-    atomic_write(out / "convergence.png", figure_png(fig))
-
-    fig, ax = plt.subplots(figsize=(max(7, 0.45 * len(res.structures) + 2), 4.5))
-    x = np.arange(len(res.structures))
-    for a in res.arms:
-        ax.plot(x, [mean_sd(res.dice(a, {s}))[0] for s in res.structures], marker="o",
-                label=a)
-    ax.set_xticks(x)
-    ax.set_xticklabels([name_of(s) for s in res.structures], rotation=60, ha="right",
-                       fontsize=8)
-    ax.set_ylabel("mean Dice (test)")
-    ax.set_xlabel("structure (largest to smallest)")
-    _finish(ax)
-    atomic_write(out / "dice_by_structure.png", figure_png(fig))
-
-
-def _finish(ax) -> None:
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3)
-    ax.set_ylim(0, 1)
-    ax.figure.tight_layout()
+        n = min(len(c) for c in split_curves)
+        every = res.results[a][min(res.results[a])].get("validation_every", 1)
+        curves[a] = (np.arange(1, n + 1) * every, [c[:n] for c in split_curves])
+    atomic_write(out / "convergence.png", convergence_png(curves))
+    atomic_write(out / "dice_by_structure.png", arm_dice_png(
+        [name_of(s) for s in res.structures],
+        {a: [mean_sd(res.dice(a, {s}))[0] for s in res.structures] for a in res.arms}))

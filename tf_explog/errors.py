@@ -17,7 +17,7 @@ Anything else that escapes is a bug, reported with its traceback.
 from __future__ import annotations
 
 __all__ = ["TfExplogError", "InputError", "EnvironmentFault", "NonFiniteError",
-           "RunsFailed", "InferenceError", "ModelNotFoundError"]
+           "RunsFailed", "InferenceError", "ModelNotFoundError", "EvaluationError"]
 
 
 class TfExplogError(Exception):
@@ -39,6 +39,10 @@ class InferenceError(InputError):
 
 class ModelNotFoundError(InferenceError, FileNotFoundError):
     """The model path (run directory or ``.keras`` file) does not exist."""
+
+
+class EvaluationError(InputError):
+    """Bad evaluation input: mismatched grids, unmatched files, invalid label volumes."""
 
 
 class NonFiniteError(TfExplogError, RuntimeError):

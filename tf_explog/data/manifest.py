@@ -24,7 +24,7 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Mapping, Optional, Sequence, Union
+from typing import Any, Mapping, Optional, Sequence, Union
 
 import numpy as np
 
@@ -33,7 +33,8 @@ from .nifti import (LabelMap, NiftiError, apply_label_map, load_volume, nifti_st
 from .preprocess import Preprocessor, affines_close
 from tf_explog.errors import InputError
 
-__all__ = ["ManifestError", "Entry", "Manifest", "label_frequencies", "SPLITS"]
+__all__ = ["ManifestError", "Entry", "Manifest", "label_frequencies", "SPLITS",
+           "read_dataset_json", "parse_labels"]
 
 PathLike = Union[str, os.PathLike]
 SPLITS = ("training", "validation", "test", "all")
@@ -54,6 +55,48 @@ class ManifestError(InputError):
         n = len(self.problems)
         body = "\n".join(f"  - {p}" for p in self.problems)
         super().__init__(f"{head}{n} problem{'s' if n != 1 else ''} in the data set:\n{body}")
+
+
+def read_dataset_json(path: PathLike) -> dict:
+    """The top-level object of a ``dataset.json``; a `ManifestError` naming the file when it
+    is unreadable, not JSON or not an object."""
+    path = Path(path)
+    try:
+        with open(path) as f:
+            raw = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ManifestError(f"{path}: not valid JSON ({exc})", path) from exc
+    except RecursionError:
+        raise ManifestError(f"{path}: not valid JSON (nested too deeply)", path) from None
+    if not isinstance(raw, Mapping):
+        raise ManifestError(f"{path}: expected a JSON object at top level", path)
+    return raw
+
+
+def parse_labels(raw_labels: Any, problems: list) -> dict:
+    """Label id → name from a ``dataset.json``'s ``labels``, in either layout: the Medical
+    Segmentation Decathlon's ``{"0": "background", "1": ...}`` or nnU-Net v2's
+    ``{"background": 0, ...}`` (recognised when every value is an int). Each problem is
+    appended to ``problems`` (naming the key); what could be read is returned."""
+    if not isinstance(raw_labels, Mapping) or not raw_labels:
+        problems.append("labels: missing or empty; expected {\"0\": \"background\", ...}")
+        return {}
+    if all(isinstance(v, int) and not isinstance(v, bool) for v in raw_labels.values()):
+        raw_labels = {v: k for k, v in raw_labels.items()}  # nnU-Net v2: name -> id
+    labels = {}
+    for k, v in raw_labels.items():
+        try:
+            key = int(k)
+        except (TypeError, ValueError):
+            problems.append(f"labels: key {k!r} is not an integer id")
+            continue
+        if key < 0 or str(key) != str(k).strip():
+            problems.append(f"labels: key {k!r} is not a non-negative integer id")
+        elif not isinstance(v, str) or not v:
+            problems.append(f"labels: name of label {key} must be a non-empty string, got {v!r}")
+        else:
+            labels[key] = v
+    return labels
 
 
 @dataclass(frozen=True)
@@ -179,15 +222,7 @@ class Manifest:
             path = path / "dataset.json"
         if not path.exists():
             raise ManifestError(f"{path}: file not found", path)
-        try:
-            with open(path) as f:
-                raw = json.load(f)
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise ManifestError(f"{path}: not valid JSON ({exc})", path) from exc
-        except RecursionError:
-            raise ManifestError(f"{path}: not valid JSON (nested too deeply)", path) from None
-        if not isinstance(raw, Mapping):
-            raise ManifestError(f"{path}: expected a JSON object at top level", path)
+        raw = read_dataset_json(path)
         if not 0.0 <= float(validation_fraction) < 1.0:
             raise InputError(
                 f"validation_fraction: expected 0 <= f < 1, got {validation_fraction!r}"
@@ -199,20 +234,11 @@ class Manifest:
         root = path.parent.resolve()
         problems: list = []
 
-        labels = {}
-        raw_labels = raw.get("labels")
-        if not isinstance(raw_labels, Mapping) or not raw_labels:
-            problems.append("labels: missing or empty; expected {\"0\": \"background\", ...}")
-        else:
-            for k, v in raw_labels.items():
-                try:
-                    labels[int(k)] = str(v)
-                except (TypeError, ValueError):
-                    problems.append(f"labels: key {k!r} is not an integer id")
-            if labels and sorted(labels) != list(range(len(labels))):
-                problems.append(
-                    f"labels: ids must be 0..{len(labels) - 1} without gaps, got {sorted(labels)}"
-                )
+        labels = parse_labels(raw.get("labels"), problems)
+        if labels and sorted(labels) != list(range(len(labels))):
+            problems.append(
+                f"labels: ids must be 0..{len(labels) - 1} without gaps, got {sorted(labels)}"
+            )
         modality = {}
         raw_mod = raw.get("modality", {})
         if isinstance(raw_mod, Mapping):
