@@ -146,7 +146,7 @@ def main(argv=None) -> dict:
     log(f"backend {keras.backend.backend()}, devices {devices()}, seed {config.seed}, "
         f"policy {config.train.dtype_policy}")
 
-    from tf_explog.callbacks import read_metrics_csv
+    from tf_explog.runs import read_metrics_csv
     from tf_explog.training import resolve_jit_compile, train
 
     t = time.perf_counter()

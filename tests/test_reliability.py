@@ -481,7 +481,8 @@ def test_checkpoints_are_written_atomically_and_resume_keeps_the_best(base, tmp_
     replace a better checkpoint with a worse first epoch."""
     import keras
 
-    from tf_explog.callbacks import BestCheckpoint, write_metrics_csv
+    from tf_explog.callbacks import BestCheckpoint
+    from tf_explog.runs import write_metrics_csv
     from tf_explog.files import atomic_path
 
     model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
@@ -809,8 +810,8 @@ def test_metrics_csv_resume_numbers_epochs_from_1_and_reads_older_runs(tmp_path)
     an older run (numbered from 0) is read shifted, so its resume and best value still work."""
     import keras
 
-    from tf_explog.callbacks import BestCheckpoint, MetricsCSV, read_metrics_csv, \
-        write_metrics_csv
+    from tf_explog.callbacks import BestCheckpoint, MetricsCSV
+    from tf_explog.runs import read_metrics_csv, write_metrics_csv
 
     path = tmp_path / "metrics.csv"
     # epochs 1, 2 finished; epoch 3 was written, then the process died before its backup

@@ -314,13 +314,14 @@ DIST_SCRIPT = textwrap.dedent("""
     from tf_explog.config import config_from_dict
     config = config_from_dict(json.loads(sys.argv[1]))
     result = training.train(config, run_dir=sys.argv[2])
+    print("STEPS", json.dumps(config.train.steps_per_epoch))  # the caller's config after
     print("RESULT", json.dumps({k: [float(x) for x in v] for k, v in result.history.items()}))
 """)
 
 
-def _dist_config(dataset, tmp_path, strategy):
+def _dist_config(dataset, tmp_path, strategy, *overrides):
     config = small_config(dataset, tmp_path, f"train.strategy={strategy}", "train.epochs=2",
-                          "train.image_summary_every=0", "train.batch_size=2")
+                          "train.image_summary_every=0", "train.batch_size=2", *overrides)
     raw = config.to_dict()
     return json.dumps(raw)
 
@@ -343,7 +344,8 @@ def test_multi_worker_two_local_processes(dataset, tmp_path):
     script.write_text(DIST_SCRIPT)
     ports = [_free_port(), _free_port()]
     cluster = {"worker": [f"127.0.0.1:{p}" for p in ports]}
-    config = _dist_config(dataset, tmp_path, "multi_worker")
+    # A loss as the monitor: the custom loop must keep the lowest, as fit does.
+    config = _dist_config(dataset, tmp_path, "multi_worker", "train.checkpoint_monitor=val_loss")
     procs = []
     for index in range(2):
         env = dict(os.environ, TF_CONFIG=json.dumps(
@@ -370,6 +372,11 @@ def test_multi_worker_two_local_processes(dataset, tmp_path):
     info = json.loads((chief / "run.json").read_text())
     assert info["status"] == "finished" and info["epochs_trained"] == 2
     assert info["environment"]["backend"] == "tensorflow" and info["best"]["epoch"] in (1, 2)
+    val_loss = [float(r["val_loss"]) for r in csv.DictReader((chief / "metrics.csv").open())]
+    assert info["best"]["monitor"] == "val_loss"
+    assert info["best"]["value"] == pytest.approx(min(val_loss))
+    # The caller's config is not changed: no steps per epoch written into it.
+    assert "STEPS null" in outputs[0][0]
 
 
 class _FakeModel:
@@ -409,3 +416,21 @@ def test_time_budget_ends_a_run_early_as_a_finished_run(dataset, tmp_path, capsy
     assert len(rows) == 1  # the first epoch alone is over budget
     assert result.best_checkpoint.is_file() and result.final_model.is_file()
     assert "stopped after epoch 1 of 50" in capsys.readouterr().out
+
+
+def test_checkpoint_monitor_names_exactly_what_a_run_logs(trained, dataset, tmp_path):
+    from tf_explog.builders import TrainingSetup, logged_metrics
+    from tf_explog.config import ConfigError
+
+    config = small_config(dataset, tmp_path)
+    with open(trained.run_dir / "metrics.csv") as f:
+        columns = set(next(csv.DictReader(f)))
+    names = set(logged_metrics(config, ["background", "big", "small"]))
+    # Every name offered is logged; what is logged besides is bookkeeping, not a metric.
+    assert names <= columns, names - columns
+    assert columns - names == {"epoch", "epoch_seconds", "time_validation", "time_recalibration"}
+    TrainingSetup.from_config(small_config(dataset, tmp_path,
+                                           "train.checkpoint_monitor=val_dice_small"))
+    with pytest.raises(ConfigError, match=r"checkpoint_monitor: 'val_dcie' .*val_dice_small"):
+        TrainingSetup.from_config(small_config(dataset, tmp_path,
+                                               "train.checkpoint_monitor=val_dcie"))

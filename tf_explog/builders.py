@@ -24,6 +24,7 @@ import keras
 
 from tf_explog import losses as losses_lib
 from tf_explog.config import Config, ConfigError
+from tf_explog.geometry import round_up
 from tf_explog.metrics import PerLabelDice
 from tf_explog.models import aux_loss_weights, build_model
 
@@ -69,20 +70,28 @@ def make_loss(config: Config, class_weights, reduction="sum_over_batch_size"):
     return cls(reduction=reduction, **params)
 
 
+def loss_terms(loss: keras.losses.Loss) -> dict:
+    """The Dice and cross-entropy terms of an ExpLogLoss, by the name they are logged under:
+    ``{name: (fn, kwargs)}`` with ``fn(y_true, y_pred, **kwargs)`` the per-sample values
+    (registered functions, so a metric made of them saves with the model). Empty for other
+    losses."""
+    if not isinstance(loss, losses_lib.ExpLogLoss):
+        return {}
+    cfg = loss.get_config()
+    return {
+        "dice_term": (losses_lib.log_dice_loss, dict(
+            gamma=cfg["gamma_dice"], smooth=cfg["smooth"], from_logits=cfg["from_logits"],
+            include_background=cfg["include_background"])),
+        "cross_term": (losses_lib.weighted_cross_entropy, dict(
+            gamma=cfg["gamma_cross"], class_weights=cfg["class_weights"],
+            from_logits=cfg["from_logits"])),
+    }
+
+
 def term_metrics(loss: keras.losses.Loss) -> list:
     """Metrics reporting the Dice and cross-entropy terms of an ExpLogLoss separately."""
-    if not isinstance(loss, losses_lib.ExpLogLoss):
-        return []
-    cfg = loss.get_config()
-    return [
-        keras.metrics.MeanMetricWrapper(
-            losses_lib.log_dice_loss, name="dice_term", gamma=cfg["gamma_dice"],
-            smooth=cfg["smooth"], from_logits=cfg["from_logits"],
-            include_background=cfg["include_background"]),
-        keras.metrics.MeanMetricWrapper(
-            losses_lib.weighted_cross_entropy, name="cross_term", gamma=cfg["gamma_cross"],
-            class_weights=cfg["class_weights"], from_logits=cfg["from_logits"]),
-    ]
+    return [keras.metrics.MeanMetricWrapper(fn, name=name, **kwargs)
+            for name, (fn, kwargs) in loss_terms(loss).items()]
 
 
 def load_manifest(config: Config):
@@ -173,14 +182,40 @@ def compile_model(model, config: Config, class_weights, label_names, jit_compile
     return model
 
 
-def monitor_name(config: Config) -> str:
-    """The logged name of ``train.checkpoint_monitor``.
+def logged_metrics(config: Config, label_names) -> list:
+    """The names a run of ``config`` logs each epoch (``metrics.csv``, TensorBoard), the
+    ``val_*`` ones when it has a validation split: what ``train.checkpoint_monitor`` may
+    name.
 
-    `PerLabelDice` returns a dict, whose keys Keras logs as they are ("dice", "dice_<label>"),
-    also when the model has auxiliary outputs; other metrics of a dict-output model get the
-    output name as prefix ("segmentation_cross_term").
+    `PerLabelDice` returns a dict, whose keys Keras logs as they are ("dice",
+    "dice_<label>"), also when the model has auxiliary outputs; other metrics of a
+    dict-output model get the output name as prefix ("segmentation_dice_term").
     """
-    return config.train.checkpoint_monitor
+    from tf_explog.labels import aux_name
+    from tf_explog.metrics import log_key
+
+    structures = [log_key(n) for n in list(label_names)[1:]]
+    dice = ["dice", *(f"dice_{k}" for k in structures)]
+    n_aux = config.model.aux_outputs
+    terms = list(loss_terms(make_loss(config, None)))
+    if n_aux:
+        terms = [f"segmentation_{t}" for t in terms]
+        losses = ["segmentation_loss", *(f"{aux_name(k)}_loss" for k in range(1, n_aux + 1))]
+    else:
+        losses = []
+    return ["loss", *losses, *dice, *terms, "val_loss", *(f"val_{d}" for d in dice)]
+
+
+def check_monitor(config: Config, label_names) -> str:
+    """``train.checkpoint_monitor``, if a run of ``config`` logs it; else a `ConfigError`
+    listing what it logs (a typo would otherwise never improve, and the final model would
+    be taken for the best)."""
+    monitor = config.train.checkpoint_monitor
+    names = logged_metrics(config, label_names)
+    if monitor not in names:
+        raise ConfigError(f"train.checkpoint_monitor: {monitor!r} is not a metric this run "
+                          f"logs; expected one of {', '.join(names)}.")
+    return monitor
 
 
 def patch_window(config: Config):
@@ -260,6 +295,7 @@ class TrainingSetup:
             ConfigError: the config does not fit the data set.
         """
         manifest = load_manifest(config)
+        check_monitor(config, manifest.label_names)
         cache_dir = cache_dir_for(config)
         if validate:
             manifest.validate(cache_dir=cache_dir)
@@ -299,8 +335,9 @@ class TrainingSetup:
     def augmentation(self):
         return make_augmentation(self.config, self.config.seed)
 
-    def tf_dataset(self, batch_size: Optional[int] = None):
-        """The shuffled, augmented ``tf.data`` stream of the training split (TensorFlow).
+    def tf_dataset(self, batch_size: Optional[int] = None, repeat: Optional[bool] = None):
+        """The shuffled, augmented ``tf.data`` stream of the training split (TensorFlow);
+        endless when ``repeat`` (default: when ``train.steps_per_epoch`` is set).
 
         Validation does not stream: it runs on whole volumes in inference mode
         (:meth:`inference_callbacks`).
@@ -313,7 +350,7 @@ class TrainingSetup:
             batch_size=batch_size or c.train.batch_size, cache_dir=self.cache_dir,
             preprocessor=self.preprocessor, aux_outputs=c.model.aux_outputs, shuffle=True,
             seed=c.seed, oversample=d.oversample, augment=self.augmentation(),
-            repeat=c.train.steps_per_epoch is not None)
+            repeat=c.train.steps_per_epoch is not None if repeat is None else repeat)
 
     def sequence(self, split: str = "training", *, batch_size: Optional[int] = None,
                  workers: int = 1, use_multiprocessing: bool = False,
@@ -351,12 +388,13 @@ class TrainingSetup:
     @property
     def steps_per_epoch(self) -> int:
         """Optimizer steps per epoch: ``train.steps_per_epoch``, else one pass over the
-        training split (its cases over the batch size, rounded up)."""
+        training split (its cases over the batch size, rounded up: the last batch may be
+        short, as Keras' ``fit`` takes it). Every trainer uses this count."""
         t = self.config.train
         if t.steps_per_epoch:
             return int(t.steps_per_epoch)
         cases = len(self.manifest.entries("training"))
-        return max(1, -(-cases // t.batch_size))
+        return max(1, round_up(cases, t.batch_size) // t.batch_size)
 
     def optimizer(self) -> keras.optimizers.Optimizer:
         return make_optimizer(self.config, self.steps_per_epoch)

@@ -18,14 +18,15 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Any, Callable, Iterable, Optional, Sequence, Union
+from typing import Callable, Iterable, Optional, Sequence, Union
 
 import keras
 import numpy as np
 
 from tf_explog.errors import InputError, NonFiniteError
-from tf_explog.metrics import _log_key
+from tf_explog.metrics import log_key
 from tf_explog.models import non_finite_weights
+from tf_explog.runs import read_metrics_csv, write_metrics_csv
 
 __all__ = [
     "NonFiniteError",
@@ -298,7 +299,7 @@ class InferenceValidation(keras.callbacks.Callback):
         if len(names) != self.num_classes:
             raise InputError(f"InferenceValidation: {len(names)} label names for "
                              f"{self.num_classes} classes")
-        self.keys = [_log_key(name) for name in names]
+        self.keys = [log_key(name) for name in names]
         self.window, self.overlap, self.tta, self.loss = window, overlap, tta, loss
         self.every, self.prefix, self.eager = every, prefix, bool(eager)
         self.history: list = []
@@ -321,51 +322,6 @@ class InferenceValidation(keras.callbacks.Callback):
         if result["loss"] is not None:
             logs[f"{p}loss"] = result["loss"]
         logs["time_validation"] = time.perf_counter() - start
-
-
-def read_metrics_csv(path) -> list:
-    """The rows of a metrics CSV as dicts of floats (``epoch`` an int; empty cells absent).
-
-    Epochs are numbered from 1, as on the console and in TensorBoard. Files written before
-    that convention numbered them from 0; their first row is epoch 0 (a run's file always
-    starts with its first epoch), and they are read shifted by one, so ``--resume`` and the
-    best-value resume of `BestCheckpoint` work on old runs too.
-    """
-    import csv
-
-    rows = []
-    with open(path, newline="") as f:
-        for raw in csv.DictReader(f):
-            row = {}
-            for key, value in raw.items():
-                if value in ("", None):
-                    continue
-                try:
-                    row[key] = int(value) if key == "epoch" else float(value)
-                except ValueError:
-                    continue
-            if "epoch" in row:
-                rows.append(row)
-    if rows and rows[0]["epoch"] == 0:  # numbered from 0 (an older run): shift
-        for row in rows:
-            row["epoch"] += 1
-    return rows
-
-
-def write_metrics_csv(path, rows: Sequence[dict]) -> None:
-    """Writes every row (``epoch`` first, then the union of the keys, sorted), atomically."""
-    import csv
-    import io
-
-    from tf_explog.files import atomic_write
-
-    keys = sorted({k for row in rows for k in row} - {"epoch"})
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=["epoch", *keys], restval="", lineterminator="\n")
-    writer.writeheader()
-    for row in rows:
-        writer.writerow(row)
-    atomic_write(path, buf.getvalue())
 
 
 class MetricsCSV(keras.callbacks.Callback):
@@ -403,8 +359,15 @@ class MetricsCSV(keras.callbacks.Callback):
         write_metrics_csv(self.path, self.rows)
 
 
-def _improves(value: float, best: Optional[float], lower: bool) -> bool:
-    """Whether ``value`` beats ``best`` (None: nothing yet), lower or higher being better."""
+def lower_is_better(monitor: str) -> bool:
+    """Whether a lower ``monitor`` is better: for a loss (a key ending in "loss"), not for
+    a Dice or anything else. The one rule for every checkpointing and reporting path."""
+    return str(monitor).endswith("loss")
+
+
+def improves(value: float, best: Optional[float], lower: bool) -> bool:
+    """Whether ``value`` beats ``best`` (None: nothing yet), lower or higher being better
+    (strictly: on ties the first epoch stays the best)."""
     if best is None:
         return True
     return value < best if lower else value > best
@@ -432,12 +395,12 @@ class BestCheckpoint(keras.callbacks.Callback):
         if mode not in ("auto", "min", "max"):
             raise InputError(f"BestCheckpoint: mode must be auto, min or max, got {mode!r}")
         self.path, self.monitor, self.metrics_csv = path, monitor, metrics_csv
-        self.mode = ("min" if monitor.endswith("loss") else "max") if mode == "auto" else mode
+        self.mode = ("min" if lower_is_better(monitor) else "max") if mode == "auto" else mode
         self.best: Optional[float] = None
         self._resumed = False
 
     def _better(self, value: float) -> bool:
-        return _improves(value, self.best, lower=self.mode == "min")
+        return improves(value, self.best, lower=self.mode == "min")
 
     def on_epoch_begin(self, epoch, logs=None):
         if self._resumed:
@@ -485,8 +448,8 @@ class EpochSummary(keras.callbacks.Callback):
         value = logs.get(self.monitor)
         if value is not None and np.isfinite(_as_float(value)):
             value = _as_float(value)
-            if _improves(value, None if self.best is None else self.best[0],
-                         lower=self.monitor.endswith("loss")):
+            if improves(value, None if self.best is None else self.best[0],
+                        lower=lower_is_better(self.monitor)):
                 self.best = (value, epoch)
         print(epoch_line(epoch, self.epochs, logs, self.best, self.monitor), flush=True)
 

@@ -25,11 +25,11 @@ import tensorflow as tf
 
 from tf_explog.batchnorm import recalibrate_batchnorm
 from tf_explog.console import epoch_line
-from tf_explog.callbacks import (NonFiniteGuard, eager_predict, read_metrics_csv,
-                                 validate_volumes, write_metrics_csv)
+from tf_explog.callbacks import (NonFiniteGuard, eager_predict, improves, lower_is_better,
+                                 validate_volumes)
 from tf_explog.errors import InputError, NonFiniteError
-from tf_explog.metrics import _log_key
-from tf_explog.runs import Run
+from tf_explog.metrics import log_key
+from tf_explog.runs import Run, read_metrics_csv, write_metrics_csv
 from tf_explog.summaries import EventWriter, scalar_tags
 
 
@@ -40,10 +40,13 @@ def _is_chief(resolver) -> bool:
 
 
 def train_multi_worker(config, run: Run, setup, fresh: bool = True) -> dict:
-    """Trains ``config`` in ``run`` with the custom loop (``setup``: its
-    `tf_explog.builders.TrainingSetup`); returns the history."""
-    from tf_explog.builders import (make_loss, make_optimizer, monitor_name,
-                                    recalibration_batches, term_metrics)
+    """Trains ``config`` in ``run`` with the custom loop; returns the history.
+
+    Everything comes from ``setup`` (its `tf_explog.builders.TrainingSetup`), as for
+    ``fit``: the same steps per epoch, loss, optimizer, loss terms, recalibration batches
+    and checkpoint monitor, with the same improvement rule. ``config`` is not changed.
+    """
+    from tf_explog.builders import loss_terms, recalibration_batches
 
     strategy = tf.distribute.MultiWorkerMirroredStrategy()
     chief = _is_chief(strategy.cluster_resolver)
@@ -55,27 +58,26 @@ def train_multi_worker(config, run: Run, setup, fresh: bool = True) -> dict:
 
         run.write_info(config, setup.label_names, setup.num_channels, setup.preprocessor,
                        environment(), command_line())
-    class_weights = setup.class_weights
     label_names = setup.label_names
     global_batch = config.train.batch_size
-    # The per-epoch step count must be the same on every worker: use a repeating stream.
-    steps = config.train.steps_per_epoch or max(
-        1, len(setup.manifest.entries("training")) // global_batch)
-    config.train.steps_per_epoch = steps
-    train_ds = setup.tf_dataset(global_batch)
+    # The per-epoch step count must be the same on every worker: a repeating stream.
+    steps = setup.steps_per_epoch
+    train_ds = setup.tf_dataset(global_batch, repeat=True)
     val_volumes = setup.volumes("validation")
     recalibration = recalibration_batches(config, setup.volumes("training"))
     if config.model.aux_outputs:
         raise InputError("train.strategy=multi_worker supports model.aux_outputs=0 only.")
+    monitor = config.train.checkpoint_monitor
+    lower = lower_is_better(monitor)
 
     with strategy.scope():
         model = setup.build_model()
-        optimizer = make_optimizer(config, steps)
-        loss_fn = make_loss(config, class_weights, reduction=None)
+        optimizer = setup.optimizer()
+        loss_fn = setup.loss(reduction=None)
         epoch_var = tf.Variable(0, dtype=tf.int64, trainable=False)
         optimizer.build(model.trainable_variables)
-    terms = term_metrics(loss_fn)
-    val_loss_fn = make_loss(config, class_weights)
+    terms = loss_terms(loss_fn)
+    val_loss_fn = setup.loss()
 
     checkpoint = tf.train.Checkpoint(model=model, optimizer=optimizer, epoch=epoch_var)
     manager = tf.train.CheckpointManager(checkpoint, str(work.backup_dir), max_to_keep=1)
@@ -91,9 +93,9 @@ def train_multi_worker(config, run: Run, setup, fresh: bool = True) -> dict:
                 loss = tf.nn.compute_average_loss(per_sample, global_batch_size=global_batch)
             grads = tape.gradient(loss, model.trainable_variables)
             optimizer.apply_gradients(zip(grads, model.trainable_variables))
-            term_values = [tf.nn.compute_average_loss(m._fn(labels, pred, **m._fn_kwargs),
+            term_values = [tf.nn.compute_average_loss(fn(labels, pred, **kwargs),
                                                       global_batch_size=global_batch)
-                           for m in terms]
+                           for fn, kwargs in terms.values()]
             return [loss, *term_values]
 
         image, labels = next(iterator)
@@ -102,21 +104,25 @@ def train_multi_worker(config, run: Run, setup, fresh: bool = True) -> dict:
                 for v in per_replica]
 
     writer = EventWriter(work.tensorboard_dir)
-    structure_keys = [_log_key(n) for n in label_names[1:]]
+    structure_keys = [log_key(n) for n in label_names[1:]]
     csv_path = work.metrics_csv
     best_path = work.best_checkpoint
     work.checkpoints_dir.mkdir(parents=True, exist_ok=True)
     history: dict[str, list] = {}
     csv_rows = read_metrics_csv(csv_path) if csv_path.is_file() else []
     # A resumed run keeps its best so far (the checkpoint on disk is that epoch's).
-    earlier = [r.get(monitor_name(config)) for r in csv_rows
-               if r["epoch"] <= int(epoch_var.numpy())]  # rows are numbered from 1
-    best = max([v for v in earlier if v is not None and np.isfinite(v)], default=-np.inf)
+    best = None
+    for row in csv_rows:
+        value = row.get(monitor)
+        if (row["epoch"] <= int(epoch_var.numpy())  # rows are numbered from 1
+                and value is not None and np.isfinite(value)
+                and improves(value, best, lower)):
+            best = float(value)
     # Shard by batch: the stream reads from a cache, not from files TF can split.
     options = tf.data.Options()
     options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
     iterator = iter(strategy.experimental_distribute_dataset(train_ds.with_options(options)))
-    term_names = [m.name for m in terms]
+    term_names = list(terms)
 
     for epoch in range(int(epoch_var.numpy()), config.train.epochs):
         start = time.perf_counter()
@@ -143,7 +149,7 @@ def train_multi_worker(config, run: Run, setup, fresh: bool = True) -> dict:
                                       tta=config.train.validation_tta,
                                       loss=val_loss_fn, predict=eager_predict(model))
             logs["val_dice"] = result["dice"]
-            logs.update({f"val_dice_{_log_key(n)}": v for n, v in
+            logs.update({f"val_dice_{log_key(n)}": v for n, v in
                          zip(label_names[1:], result["dice_per_label"][1:])})
             logs["val_loss"] = result["loss"]
 
@@ -152,10 +158,10 @@ def train_multi_worker(config, run: Run, setup, fresh: bool = True) -> dict:
         writer.flush()
         epoch_var.assign(epoch + 1)
         manager.save()  # every worker must take part; non-chiefs write to a temp dir
-        monitor = logs.get(monitor_name(config))
+        value = logs.get(monitor)
         if chief:
-            if monitor is not None and monitor > best:
-                best = monitor
+            if value is not None and np.isfinite(value) and improves(value, best, lower):
+                best = float(value)
                 work.save_model(model, "best")
             csv_rows = ([r for r in csv_rows if r["epoch"] <= epoch]
                         + [{"epoch": epoch + 1, **logs}])

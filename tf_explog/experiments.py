@@ -270,7 +270,7 @@ def run_arm(config, run_dir: Path, test_entries, label_names, label_map=None,
     Returns (and stores as ``DONE.json``): the evaluation rows and summary, the validation
     curve (``val_epochs``, ``val_dice``) and losses from ``metrics.csv``, and timings.
     """
-    from tf_explog.callbacks import read_metrics_csv
+    from tf_explog.runs import read_metrics_csv
     from tf_explog.training import train
 
     run = Run(Path(run_dir))

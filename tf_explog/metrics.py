@@ -20,7 +20,7 @@ __all__ = ["PerLabelDice"]
 _UNSAFE = re.compile(r"[^A-Za-z0-9_.\-]")
 
 
-def _log_key(name: str) -> str:
+def log_key(name: str) -> str:
     """Make a label name safe as a logs key (TensorBoard treats ``/`` as a folder)."""
     return _UNSAFE.sub("_", str(name).strip())
 
@@ -88,7 +88,7 @@ class PerLabelDice(keras.metrics.Metric):
                     f"{self.num_classes} names (background first), got {label_names!r}"
                 )
             self.label_names = [str(n) for n in label_names]
-            keys = [_log_key(n) for n in self.label_names]
+            keys = [log_key(n) for n in self.label_names]
             if any(not k for k in keys) or len(set(keys)) != len(keys):
                 raise InputError(
                     f"PerLabelDice: label_names must be non-empty and unique after replacing "

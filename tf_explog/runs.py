@@ -33,6 +33,8 @@ Standard library, NumPy-free and TensorFlow-free.
 from __future__ import annotations
 
 import contextlib
+import csv
+import io
 import json
 import os
 from dataclasses import dataclass
@@ -45,7 +47,7 @@ from tf_explog.config import ConfigError, check_run_name, config_from_dict
 from tf_explog.errors import InputError
 from tf_explog.files import atomic_path, atomic_write, write_json
 
-__all__ = ["Run", "RunError", "RunNotFoundError"]
+__all__ = ["Run", "RunError", "RunNotFoundError", "read_metrics_csv", "write_metrics_csv"]
 
 PathLike = Union[str, os.PathLike]
 
@@ -443,3 +445,44 @@ class Run:
 
     def write_done(self, summary: dict) -> None:
         write_json(self.done_file, summary, indent=None)
+
+
+# ------------------------------------------------------------------ metrics.csv
+
+
+def read_metrics_csv(path) -> list:
+    """The rows of a run's ``metrics.csv`` as dicts of floats (``epoch`` an int; empty cells absent).
+
+    Epochs are numbered from 1, as on the console and in TensorBoard. Files written before
+    that convention numbered them from 0; their first row is epoch 0 (a run's file always
+    starts with its first epoch), and they are read shifted by one, so ``--resume`` and the
+    best-value resume of `tf_explog.callbacks.BestCheckpoint` work on old runs too.
+    """
+    rows = []
+    with open(path, newline="") as f:
+        for raw in csv.DictReader(f):
+            row = {}
+            for key, value in raw.items():
+                if value in ("", None):
+                    continue
+                try:
+                    row[key] = int(value) if key == "epoch" else float(value)
+                except ValueError:
+                    continue
+            if "epoch" in row:
+                rows.append(row)
+    if rows and rows[0]["epoch"] == 0:  # numbered from 0 (an older run): shift
+        for row in rows:
+            row["epoch"] += 1
+    return rows
+
+
+def write_metrics_csv(path, rows: Sequence[dict]) -> None:
+    """Writes every row (``epoch`` first, then the union of the keys, sorted), atomically."""
+    keys = sorted({k for row in rows for k in row} - {"epoch"})
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=["epoch", *keys], restval="", lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow(row)
+    atomic_write(path, buf.getvalue())

@@ -31,7 +31,7 @@ from typing import Optional, Sequence
 import keras
 import numpy as np
 
-from tf_explog.metrics import _log_key
+from tf_explog.metrics import log_key
 
 __all__ = ["scalar_tags", "TensorBoardSummary", "EventWriter", "hparams_of"]
 
@@ -163,7 +163,7 @@ class TensorBoardSummary(keras.callbacks.Callback):
         super().__init__()
         self.log_dir = Path(log_dir)
         self.label_names = list(label_names)
-        self.keys = [_log_key(n) for n in self.label_names[1:]]
+        self.keys = [log_key(n) for n in self.label_names[1:]]
         self.sample, self.every, self.hparams, self.window = sample, every, hparams, window
         self.writer: Optional[EventWriter] = None
 

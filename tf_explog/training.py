@@ -30,7 +30,7 @@ from pathlib import Path
 
 import keras
 
-from tf_explog.builders import TrainingSetup, monitor_name
+from tf_explog.builders import TrainingSetup
 from tf_explog.callbacks import (BestCheckpoint, EpochSummary, MetricsCSV, ResumeState,
                                  StepCallbackList, TimeBudget)
 from tf_explog.config import Config, ConfigError
@@ -133,7 +133,7 @@ def standard_callbacks(config: Config, run: Run, sample, label_names, window=Non
     """
     from tf_explog.summaries import TensorBoardSummary, hparams_of
 
-    monitor = monitor_name(config)
+    monitor = config.train.checkpoint_monitor
     callbacks = [
         # Atomic, keeps the previous state until the new one is complete (not Keras' own).
         ResumeState(run.backup_dir),
@@ -170,13 +170,15 @@ def run_results(rows: list, monitor: str) -> dict:
     """
     import math
 
-    lower = monitor.endswith("loss")
+    from tf_explog.callbacks import improves, lower_is_better
+
+    lower = lower_is_better(monitor)
     best = None
     for row in rows:
         value = row.get(monitor)
         if value is None or not math.isfinite(value):
             continue
-        if best is None or (value < best["value"] if lower else value > best["value"]):
+        if improves(value, None if best is None else best["value"], lower):
             best = {"monitor": monitor, "epoch": int(row["epoch"]), "value": float(value)}
     return {"epochs_trained": len(rows), "best": best,
             "final_metrics": dict(rows[-1]) if rows else {}}
@@ -185,7 +187,7 @@ def run_results(rows: list, monitor: str) -> dict:
 def record_results(run: Run, monitor: str, seconds: float, status: str = "finished") -> dict:
     """Writes the results into ``run.json`` (best epoch and value, final metrics, duration,
     accumulated over resumed sessions) and returns them."""
-    from tf_explog.callbacks import read_metrics_csv
+    from tf_explog.runs import read_metrics_csv
 
     rows = read_metrics_csv(run.metrics_csv) if run.metrics_csv.is_file() else []
     results = run_results(rows, monitor)
@@ -312,6 +314,7 @@ def _train_locked(config: Config, run: Run, setup: TrainingSetup, extra_callback
     """`train` once the run is held by this process."""
     run.remove_stale_temporaries()  # left by a writer that was killed
     session = _SessionRecord(run, fresh)
+    monitor = config.train.checkpoint_monitor  # validated by TrainingSetup.from_config
     keras.utils.set_random_seed(config.seed)
     previous_policy = keras.config.dtype_policy()
     keras.config.set_dtype_policy(config.train.dtype_policy)
@@ -327,7 +330,7 @@ def _train_locked(config: Config, run: Run, setup: TrainingSetup, extra_callback
         # Marked so nobody takes the run for a finished one; best.keras (if any) is from an
         # earlier, finite epoch.
         run.mark_failed(str(err))
-        record_results(run, monitor_name(config), time.perf_counter() - start, "failed")
+        record_results(run, monitor, time.perf_counter() - start, "failed")
         raise NonFiniteError(f"{err} (run directory: {run.path})") from None
     except OSError as err:
         if not environment_error(err):
@@ -349,8 +352,7 @@ def _train_locked(config: Config, run: Run, setup: TrainingSetup, extra_callback
             # Resumable: say so in run.json (the results so far, status "interrupted"); a
             # resume refused before training began leaves run.json untouched.
             try:
-                record_results(run, monitor_name(config), time.perf_counter() - start,
-                               "interrupted")
+                record_results(run, monitor, time.perf_counter() - start, "interrupted")
             except Exception:  # never hide the error that stopped the run
                 pass
         raise
@@ -358,7 +360,7 @@ def _train_locked(config: Config, run: Run, setup: TrainingSetup, extra_callback
         keras.config.set_dtype_policy(previous_policy)
     run.clear_failed()  # a resumed run that had failed has finished after all
     if run.path.is_dir() and (run.path / "run.json").is_file():  # non-chief workers drop theirs
-        record_results(run, monitor_name(config), time.perf_counter() - start)
+        record_results(run, monitor, time.perf_counter() - start)
     return TrainResult(run.path, history, run.best_checkpoint, run.final_model)
 
 
