@@ -26,8 +26,6 @@ from tf_explog.export import (  # noqa: E402
     ExportError,
     export_saved_model,
     normalize_graph,
-    predict_request_json,
-    predict_url,
     read_metadata,
 )
 from tf_explog.models import build_model  # noqa: E402
@@ -402,40 +400,6 @@ def test_normalize_graph_hand_worked():
     y = tf.constant(np.array([1, 2, 3, 9], np.float64).reshape(1, 4, 1, 1, 1))
     got = normalize_graph(y, tf.ones_like(y, tf.bool), None, (25, 75)).numpy().ravel()
     np.testing.assert_allclose(got, [1.75, 2, 3, 4.5])
-
-
-# ------------------------------------------------------------------------------- REST helpers
-
-
-def test_predict_request_json_hand_worked():
-    body = json.loads(predict_request_json(np.array([[[[1.5], [2]]]])))
-    assert body == {"signature_name": "serving_default",
-                    "instances": [{"image": [[[[1.5], [2.0]]]]}]}
-    batch = np.arange(2 * 1 * 1 * 2 * 1, dtype=np.int16).reshape(2, 1, 1, 2, 1)
-    body = json.loads(predict_request_json(batch, signature="other"))
-    assert body["signature_name"] == "other"
-    assert body["instances"] == [{"image": [[[[0.0], [1.0]]]]}, {"image": [[[[2.0], [3.0]]]]}]
-    # [D, H, W] is one channel.
-    assert json.loads(predict_request_json(np.zeros((1, 1, 2))))["instances"] == [
-        {"image": [[[[0.0], [0.0]]]]}
-    ]
-
-
-def test_predict_request_json_bad_input():
-    with pytest.raises(ValueError, match="image: expected"):
-        predict_request_json(np.zeros((2, 2)))
-    with pytest.raises(ValueError, match="NaN or Inf"):
-        predict_request_json(np.array([[[np.nan]]]))
-    with pytest.raises(ValueError, match="real numbers"):
-        predict_request_json(np.array([[["a"]]]))
-    with pytest.raises(ValueError, match="signature"):
-        predict_request_json(np.zeros((1, 1, 1)), signature="")
-
-
-def test_predict_url():
-    assert predict_url("tiny") == "http://localhost:8501/v1/models/tiny:predict"
-    assert predict_url("tiny", "srv", 9000, version=2) == \
-        "http://srv:9000/v1/models/tiny/versions/2:predict"
 
 
 # ------------------------------------------------------------------------------- errors

@@ -1,6 +1,8 @@
-"""The gRPC client against the exported SavedModel, served by an in-process gRPC server that
-implements TF Serving's PredictionService (real channels, real message limits)."""
+"""The serving clients: gRPC against the exported SavedModel, served by an in-process gRPC
+server that implements TF Serving's PredictionService (real channels, real message limits),
+and the REST request helpers."""
 
+import json
 from concurrent import futures
 
 import grpc
@@ -9,9 +11,15 @@ import pytest
 import tensorflow as tf
 from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
 
-from tf_explog.export import export_saved_model, predict_request_json
+from tf_explog.export import export_saved_model
 from tf_explog.models import build_model
-from tf_explog.serving import make_predict_request, parse_predict_response, predict_grpc
+from tf_explog.serving import (
+    make_predict_request,
+    parse_predict_response,
+    predict_grpc,
+    predict_request_json,
+    predict_url,
+)
 
 CLASSES = 20
 
@@ -83,3 +91,37 @@ def test_the_4mb_grpc_default_is_raised_for_volumes(served):
     assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     out = predict_grpc(image, "tiny", target, output_filter=None)
     assert out["probabilities"].nbytes > 4 << 20
+
+
+# ------------------------------------------------------------------------------- REST
+
+
+def test_predict_request_json_hand_worked():
+    body = json.loads(predict_request_json(np.array([[[[1.5], [2]]]])))
+    assert body == {"signature_name": "serving_default",
+                    "instances": [{"image": [[[[1.5], [2.0]]]]}]}
+    batch = np.arange(2 * 1 * 1 * 2 * 1, dtype=np.int16).reshape(2, 1, 1, 2, 1)
+    body = json.loads(predict_request_json(batch, signature="other"))
+    assert body["signature_name"] == "other"
+    assert body["instances"] == [{"image": [[[[0.0], [1.0]]]]}, {"image": [[[[2.0], [3.0]]]]}]
+    # [D, H, W] is one channel.
+    assert json.loads(predict_request_json(np.zeros((1, 1, 2))))["instances"] == [
+        {"image": [[[[0.0], [0.0]]]]}
+    ]
+
+
+def test_predict_request_json_bad_input():
+    with pytest.raises(ValueError, match="image: expected"):
+        predict_request_json(np.zeros((2, 2)))
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        predict_request_json(np.array([[[np.nan]]]))
+    with pytest.raises(ValueError, match="real numbers"):
+        predict_request_json(np.array([[["a"]]]))
+    with pytest.raises(ValueError, match="signature"):
+        predict_request_json(np.zeros((1, 1, 1)), signature="")
+
+
+def test_predict_url():
+    assert predict_url("tiny") == "http://localhost:8501/v1/models/tiny:predict"
+    assert predict_url("tiny", "srv", 9000, version=2) == \
+        "http://srv:9000/v1/models/tiny/versions/2:predict"

@@ -41,7 +41,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import re
 import shutil
 import tempfile
 from datetime import datetime, timezone
@@ -55,12 +54,11 @@ from tf_explog.errors import InputError
 from tf_explog.files import remove_stale_temporaries
 from tf_explog.geometry import spatial_divisor
 from tf_explog.labels import SEGMENTATION
+from tf_explog.serving import LABELS_SIGNATURE, SIGNATURE, check_model_name, check_version
 
 __all__ = [
     "export_saved_model",
     "normalize_graph",
-    "predict_request_json",
-    "predict_url",
     "read_metadata",
     "ExportError",
     "SIGNATURE",
@@ -68,15 +66,10 @@ __all__ = [
     "METADATA_FILE",
 ]
 
-SIGNATURE = "serving_default"
-#: A second signature with the ``labels`` output only (small answers, REST included).
-LABELS_SIGNATURE = "labels"
 METADATA_FILE = "metadata.json"
 METADATA_FORMAT = 1
 ORIENTATION = "RAS"
 
-# TF Serving puts the model name in URLs and only loads numeric version directories.
-_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 _EPS_STD = 1e-8  # as Preprocessor: a flat channel is centred, not scaled
 _UNSET = object()
 
@@ -159,9 +152,15 @@ def export_saved_model(
     multiple = spatial_divisor(model) if pad_multiple is None else _check_multiple(pad_multiple)
 
     name = source["default_name"] if name is None else name
-    _check_name(name)
+    try:
+        check_model_name(name)
+    except InputError as err:
+        raise ExportError(str(err)) from None
     if version is not None:
-        version = _check_version(version)
+        try:
+            version = check_version(version)
+        except InputError as err:
+            raise ExportError(str(err)) from None
     model_dir = Path(base_dir) / name
     if version is not None and (model_dir / str(version)).exists():
         raise FileExistsError(
@@ -196,61 +195,6 @@ def export_saved_model(
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
-
-
-def predict_request_json(image: Any, signature: str = SIGNATURE) -> str:
-    """The JSON body of a TF Serving REST predict request for an exported model.
-
-    Row ("instances") format, one instance per volume::
-
-        {"signature_name": "serving_default", "instances": [{"image": [[[[...]]]]}]}
-
-    POST it to ``http://HOST:8501/v1/models/<name>:predict`` (see :func:`predict_url`); the
-    answer is ``{"predictions": [{"labels": ..., "probabilities": ...}, ...]}``. Volumes must
-    already be canonical (RAS) at the training grid (``assets/metadata.json``); normalisation
-    happens in the served graph. Values are sent as float32.
-
-    Args:
-        image: ``[D, H, W]`` (one channel), ``[D, H, W, C]`` (one volume) or
-            ``[B, D, H, W, C]`` (a batch of equally sized volumes), real numbers.
-        signature: the signature name.
-
-    Returns:
-        The request body (compact JSON).
-
-    Raises:
-        ValueError: wrong rank, non-numeric or non-finite values, an empty signature name.
-    """
-    if not isinstance(signature, str) or not signature:
-        raise InputError(f"signature: expected a non-empty string, got {signature!r}")
-    arr = np.asarray(image)
-    if arr.dtype == np.bool_ or not (np.issubdtype(arr.dtype, np.integer)
-                                     or np.issubdtype(arr.dtype, np.floating)):
-        raise InputError(f"image: expected real numbers, got dtype {arr.dtype}")
-    if arr.ndim == 3:
-        arr = arr[..., np.newaxis]
-    if arr.ndim == 4:
-        arr = arr[np.newaxis]
-    if arr.ndim != 5 or 0 in arr.shape:
-        raise InputError(
-            "image: expected [D, H, W], [D, H, W, C] or [B, D, H, W, C] with no empty axis, "
-            f"got shape {np.shape(image)}"
-        )
-    arr = arr.astype(np.float32)
-    if not np.all(np.isfinite(arr)):
-        raise InputError("image: contains NaN or Inf, which JSON cannot carry")
-    body = {"signature_name": signature, "instances": [{"image": vol.tolist()} for vol in arr]}
-    return json.dumps(body, separators=(",", ":"))
-
-
-def predict_url(name: str, host: str = "localhost", port: int = 8501,
-                version: Optional[int] = None) -> str:
-    """TF Serving's REST predict URL: ``http://HOST:PORT/v1/models/NAME[/versions/V]:predict``."""
-    _check_name(name)
-    path = f"/v1/models/{name}"
-    if version is not None:
-        path += f"/versions/{_check_version(version)}"
-    return f"http://{host}:{int(port)}{path}:predict"
 
 
 def read_metadata(export_dir: PathLike) -> dict:
@@ -551,20 +495,6 @@ def _check_multiple(value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
         raise ExportError(f"pad_multiple: expected a positive integer, got {value!r}")
     return int(value)
-
-
-def _check_name(name: Any) -> None:
-    if not isinstance(name, str) or not _NAME_RE.match(name):
-        raise ExportError(
-            f"name: expected letters, digits, '.', '_' or '-' (not starting with '.', '_' or "
-            f"'-'), got {name!r}"
-        )
-
-
-def _check_version(version: Any) -> int:
-    if isinstance(version, bool) or not isinstance(version, (int, np.integer)) or version < 1:
-        raise ExportError(f"version: expected a positive integer, got {version!r}")
-    return int(version)
 
 
 def _existing_versions(model_dir: Path) -> list:

@@ -34,7 +34,12 @@ from tf_explog.data.nifti import (
     nifti_stem,
     save_like,
 )
-from tf_explog.data.preprocess import Preprocessor, invert_labels, invert_probabilities
+from tf_explog.data.preprocess import (
+    Preprocessor,
+    invert_labels,
+    invert_probabilities,
+    resamples,
+)
 from tf_explog.errors import InferenceError, ModelNotFoundError
 from tf_explog.files import remove_stale_temporaries, temporary_name
 from tf_explog.geometry import window_starts
@@ -216,7 +221,7 @@ def _to_original_labels(probs, record, preprocessor: Preprocessor, want_probabil
     resampling, probabilities are resampled linearly first (as nnU-Net does), then argmax, so
     the written labels are the argmax of the written probabilities.
     """
-    resampled = any(step["op"] in ("resample", "resize") for step in record["steps"])
+    resampled = resamples(record)
     canon_probs = None
     if resampled or want_probabilities:
         canon_probs = invert_probabilities(probs, record)

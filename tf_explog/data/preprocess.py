@@ -38,12 +38,27 @@ __all__ = [
     "resample_to_shape",
     "foreground_box",
     "affines_close",
+    "resamples",
+    "RESAMPLING_STEPS",
+    "CROP_PAD_STEPS",
     "PREPROCESS_FORMAT",
 ]
 
 # Bump when the algorithm changes in a way that changes outputs: it is part of the fingerprint,
 # so on-disk caches built by older code are rebuilt.
 PREPROCESS_FORMAT = 2  # 2: records carry the background intensity
+
+#: The steps a preprocessing record holds, by how they are undone: resampling steps by
+#: resampling back (labels and probabilities change values), crops and pads by index
+#: selection (exact). Every reader of a record asks here.
+RESAMPLING_STEPS = ("resample", "resize")
+CROP_PAD_STEPS = ("pad_to_cube", "crop_pad", "crop_foreground")
+
+
+def resamples(record: Mapping) -> bool:
+    """Whether undoing ``record`` resamples (else it only crops and pads: exact)."""
+    return any(step["op"] in RESAMPLING_STEPS for step in record["steps"])
+
 
 _NORMALIZATIONS = (None, "zscore", "zscore_nonzero")
 _PRESETS = (None, "paper")
@@ -641,9 +656,9 @@ def _invert(array: np.ndarray, record: Mapping, order: int, fill_value) -> np.nd
             f"shape {tuple(record['output_shape'])} in the record"
         )
     for step in reversed(record["steps"]):
-        if step["op"] in ("resample", "resize"):
+        if step["op"] in RESAMPLING_STEPS:
             array = resample_to_shape(array, step["in_shape"], order)
-        elif step["op"] in ("pad_to_cube", "crop_pad", "crop_foreground"):
+        elif step["op"] in CROP_PAD_STEPS:
             before = [-b for b in step["before"]]
             after = [-a for a in step["after"]]
             array = _crop_pad(array, before, after, 0)
