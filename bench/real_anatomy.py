@@ -22,7 +22,7 @@ def main() -> None:
     from tf_explog.data.label_synthesis import synthesize_from_label_maps
     from tf_explog.data.nifti import load_volume
     from tf_explog.data.preprocess import foreground_box
-    from tf_explog.experiments import machine_description
+    from tf_explog.environment import environment_line
 
     here = Path(__file__).resolve().parent
     parser = argparse.ArgumentParser(description=__doc__)
@@ -34,7 +34,7 @@ def main() -> None:
     maps = Path(args.maps)
     if not maps.is_dir():
         raise SystemExit(f"{maps}: no label maps here; pass --maps DIR")
-    print(f"machine: {machine_description()}")
+    print(f"machine: {environment_line()}")
     with tempfile.TemporaryDirectory() as tmp:
         rates = {}
         for workers in (1, args.workers):

@@ -26,7 +26,7 @@ from tf_explog import losses as losses_lib
 from tf_explog.config import Config, ConfigError
 from tf_explog.geometry import round_up
 from tf_explog.metrics import PerLabelDice
-from tf_explog.models import aux_loss_weights, build_model
+from tf_explog.models import MODELS, aux_loss_weights
 
 
 def learning_rate(config: Config, steps_per_epoch: Optional[int] = None):
@@ -150,13 +150,18 @@ def class_weights_for(config: Config, manifest, preprocessor, cache_dir):
 
 
 def build_from_config(config: Config, num_classes: int, channels: int) -> keras.Model:
+    """The network ``model.name`` names (`tf_explog.models.MODELS`), given the ``model``
+    settings its builder takes."""
     m = config.model
-    return build_model(
-        input_shape=(None, None, None, channels), num_classes=num_classes,
+    builder = MODELS[m.name]
+    settings = dict(
         filters=tuple(m.filters), encoder_depths=tuple(m.encoder_depths),
         decoder_depths=tuple(m.decoder_depths), noise_std=m.noise_std, dropout=m.dropout,
-        aux_outputs=m.aux_outputs, bn_momentum=m.bn_momentum, seed=config.seed,
+        aux_outputs=m.aux_outputs, bn_momentum=m.bn_momentum,
         input_downsample=m.input_downsample)
+    accepted = inspect.signature(builder).parameters
+    return builder(input_shape=(None, None, None, channels), num_classes=num_classes,
+                   seed=config.seed, **{k: v for k, v in settings.items() if k in accepted})
 
 
 def compile_model(model, config: Config, class_weights, label_names, jit_compile,

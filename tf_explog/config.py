@@ -124,6 +124,7 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
+    name: str = "wong2018"  # the builder, see tf_explog.models.MODELS
     filters: list[int] = field(default_factory=lambda: [12, 24, 48, 96, 192])
     encoder_depths: list[int] = field(default_factory=lambda: [1, 2, 3, 3, 3])
     decoder_depths: list[int] = field(default_factory=lambda: [3, 3, 2, 1])
@@ -136,6 +137,9 @@ class ModelConfig:
     input_downsample: int = 1
 
     def validate(self, key):
+        from tf_explog.models import MODELS  # Keras only, no TensorFlow
+
+        _choice(f"{key}.name", self.name, tuple(MODELS))
         _length(f"{key}.filters", self.filters, 5)
         _positive(f"{key}.filters", self.filters)
         _length(f"{key}.encoder_depths", self.encoder_depths, 5)
@@ -397,7 +401,7 @@ def config_from_dict(raw: dict, overrides: list[str] | tuple[str, ...] = ()) -> 
             raise ConfigError(f"override {item!r}: the value is not valid YAML "
                               f"({str(err).splitlines()[0]}).") from None
         _set_dotted(raw, key.strip(), parsed)
-    return _build(Config, raw, "").validate()
+    return dataclass_from_dict(Config, raw, "").validate()
 
 
 def _set_dotted(raw, key, value):
@@ -410,7 +414,9 @@ def _set_dotted(raw, key, value):
     node[parts[-1]] = value
 
 
-def _build(cls, raw, prefix):
+def dataclass_from_dict(cls, raw, prefix):
+    """An instance of the config dataclass ``cls`` from a mapping, sections recursively;
+    unknown keys and wrong types raise a `ConfigError` naming ``prefix.key``."""
     if not isinstance(raw, dict):
         raise ConfigError(f"{prefix or 'config'} must be a mapping; got {raw!r}.")
     fields = {f.name: f for f in dataclasses.fields(cls) if not f.metadata.get("internal")}
@@ -432,7 +438,7 @@ def _build(cls, raw, prefix):
 def _coerce(hint, value, key):
     origin = typing.get_origin(hint)
     if dataclasses.is_dataclass(hint):
-        return _build(hint, value, key)
+        return dataclass_from_dict(hint, value, key)
     if origin is Union:
         options = typing.get_args(hint)
         if value is None and type(None) in options:

@@ -121,3 +121,9 @@ def tool_command(name: str) -> str:
         return str(script.relative_to(Path.cwd()))
     except ValueError:
         return str(script)
+
+
+def environment_line() -> str:
+    """CPU model, cores and library versions, one line (for reports)."""
+    return (f"{cpu_name()}, {os.cpu_count()} CPUs, Python {platform.python_version()}, Keras "
+            f"{keras.__version__} on {keras.backend.backend()}")

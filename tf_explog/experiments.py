@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import math
 import os
-import platform
 import shutil
 import tempfile
 import time
@@ -32,9 +31,10 @@ from typing import Any, Optional
 import keras
 import numpy as np
 
-from tf_explog.config import ConfigError, _build, load_config, packaged_config
+from tf_explog.config import ConfigError, dataclass_from_dict, load_config, packaged_config
 from tf_explog.errors import RunsFailed
 from tf_explog.files import atomic_write, write_json
+from tf_explog.environment import environment_line
 from tf_explog.runs import RUN_FILE, Run
 
 @dataclass
@@ -105,13 +105,13 @@ def load_reproduce_config(path: str | Path) -> tuple[ReproduceConfig, Path]:
     raw = read_yaml(path)
     arms = raw.pop("arms", None)
     try:
-        config = _build(ReproduceConfig, raw, "")
+        config = dataclass_from_dict(ReproduceConfig, raw, "")
         if arms is None:
             config.arms = paper_arms()
         else:
             if not isinstance(arms, dict) or not arms:
                 raise ConfigError("arms must be a mapping of arm name -> {loss, params, set}.")
-            config.arms = {str(k): _build(Arm, v, f"arms.{k}") for k, v in arms.items()}
+            config.arms = {str(k): dataclass_from_dict(Arm, v, f"arms.{k}") for k, v in arms.items()}
         if config.reference_arm not in config.arms:
             raise ConfigError(f"reference_arm {config.reference_arm!r} is not one of the arms "
                               f"{sorted(config.arms)}.")
@@ -330,16 +330,6 @@ def forward_seconds_128(checkpoint: Path, repeats: int = 3) -> float:
     return float(np.median(times))
 
 
-def machine_description() -> str:
-    """CPU model, cores and library versions, one line."""
-    import keras
-
-    from tf_explog.environment import cpu_name
-
-    return (f"{cpu_name()}, {os.cpu_count()} CPUs, Python {platform.python_version()}, Keras "
-            f"{keras.__version__} on {keras.backend.backend()}")
-
-
 def reproduce(config_path: str | Path, overrides=(), out_dir: str | Path | None = None,
               arms: list[str] | None = None, splits: int | None = None,
               strict: bool = False) -> Path:
@@ -404,7 +394,7 @@ def reproduce(config_path: str | Path, overrides=(), out_dir: str | Path | None 
     split_info = [{"training": len(tr), "test": len(te), "subjects": [e.id for e in te]}
                   for tr, te in splits]
     report = write_report(out, rc, results, failures, label_names, split_info, forward,
-                          machine_description())
+                          environment_line())
     if strict and failures:
         (name, k), message = next(iter(failures.items()))
         raise RunsFailed(

@@ -22,7 +22,7 @@ from tf_explog.geometry import network_divisor, spatial_divisor
 from tf_explog.labels import SEGMENTATION, aux_name
 from tf_explog.layers import Block, LinearUpsampling3D, SpatialSizeCheck
 
-__all__ = ["build_model", "aux_loss_weights", "output_names", "spatial_divisor",
+__all__ = ["MODELS", "build_model", "aux_loss_weights", "output_names", "spatial_divisor",
            "non_finite_weights", "SEGMENTATION", "aux_name"]
 
 
@@ -267,3 +267,10 @@ def output_names(model: keras.Model) -> list[str]:
     if isinstance(model.output, dict):
         return list(model.output.keys())
     return list(model.output_names)
+
+
+#: The networks ``model.name`` can choose, by name. A builder takes ``input_shape``,
+#: ``num_classes`` and ``seed``, and whichever ``model`` settings it needs (see
+#: `tf_explog.builders.build_from_config`); its spatial divisor is read back from its
+#: layers (`tf_explog.geometry.spatial_divisor`), so inference and export need nothing more.
+MODELS = {"wong2018": build_model}
