@@ -63,7 +63,7 @@ def forward_only(model, image: np.ndarray, window: tuple, overlap: float, window
                  flips: list):
     """A function running the same windows' forward passes as ``predict_volume``, no
     blending: batches prepared (padded, on the device) beforehand."""
-    from tf_explog.inference import (_backend_compile, _corners, _select_segmentation,
+    from tf_explog.sliding_window import (_backend_compile, _corners, _select_segmentation,
                                      _pass_window)
 
     win = _pass_window(image.shape[:3], window, False, 16)
