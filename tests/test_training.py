@@ -10,7 +10,6 @@ import textwrap
 from pathlib import Path
 
 import keras
-import nibabel as nib
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -20,38 +19,12 @@ from tf_explog import plots, training
 from tf_explog.config import config_from_dict
 
 REPO = Path(__file__).resolve().parents[1]
-SIZE = 32
-
-
-def write_two_structure_dataset(root: Path, subjects=6, size=SIZE, seed=0):
-    """A big sphere (label 1) and a small one (label 2) at random places, MSD layout."""
-    rng = np.random.default_rng(seed)
-    grid = np.indices((size,) * 3).transpose(1, 2, 3, 0)
-    (root / "imagesTr").mkdir(parents=True)
-    (root / "labelsTr").mkdir()
-    entries = []
-    affine = np.diag([1.5, 1.5, 1.5, 1.0])
-    for i in range(subjects):
-        labels = np.zeros((size,) * 3, np.uint8)
-        big = rng.uniform(size * 0.35, size * 0.65, 3)
-        labels[np.linalg.norm(grid - big, axis=-1) < size * 0.25] = 1
-        small = rng.uniform(size * 0.2, size * 0.8, 3)
-        labels[np.linalg.norm(grid - small, axis=-1) < size * 0.09] = 2
-        image = np.array([0.0, 2.0, 4.0])[labels] + rng.normal(0, 0.4, labels.shape)
-        name = f"case_{i:02d}.nii.gz"
-        nib.save(nib.Nifti1Image(image.astype(np.float32), affine), root / "imagesTr" / name)
-        nib.save(nib.Nifti1Image(labels, affine), root / "labelsTr" / name)
-        entries.append({"image": f"./imagesTr/{name}", "label": f"./labelsTr/{name}"})
-    (root / "dataset.json").write_text(json.dumps({
-        "name": "two_structures", "modality": {"0": "T1"},
-        "labels": {"0": "background", "1": "big", "2": "small"},
-        "numTraining": subjects, "training": entries, "test": []}))
-    return root / "dataset.json"
 
 
 @pytest.fixture(scope="module")
-def dataset(tmp_path_factory):
-    return write_two_structure_dataset(tmp_path_factory.mktemp("two_structures"))
+def dataset(two_structure_dataset):
+    """6 cases of 32³, two spheres (conftest.py, shared with tests/test_fullres.py)."""
+    return two_structure_dataset
 
 
 def small_config(dataset, tmp_path, *overrides):
