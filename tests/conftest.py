@@ -19,3 +19,17 @@ def two_structure_dataset(tmp_path_factory):
     from helpers import write_two_structure_dataset
 
     return write_two_structure_dataset(tmp_path_factory.mktemp("two_structures"))
+
+
+@pytest.fixture(scope="session")
+def msd_dataset(tmp_path_factory):
+    """Factory: ``msd_dataset(training, label_names, *, folder=None, test=(), name="toy",
+    **extra)`` writes `helpers.write_msd_dataset` (``(stem, image, labels, affine)`` cases)
+    into a fresh folder (named ``folder``, else ``name``); returns its dataset.json."""
+    from helpers import write_msd_dataset
+
+    def make(training, label_names, *, folder=None, **kwargs):
+        root = tmp_path_factory.mktemp(folder or kwargs.get("name", "toy"))
+        return write_msd_dataset(root, training, label_names, **kwargs)
+
+    return make
