@@ -1,5 +1,8 @@
 """Helpers shared by the test files (imported as ``helpers``: pytest puts tests/ on sys.path).
 
+- ``run_saving_test`` / ``run_precision_test``: the one saving round trip and the one
+  mixed-precision check every model and custom layer test uses, after keras-hub's
+  ``TestCase.run_model_saving_test`` / ``run_precision_test``.
 - ``write_msd_dataset`` / ``write_two_structure_dataset``: tiny NIfTI data sets in the
   Medical Segmentation Decathlon layout (``conftest.py`` turns them into fixtures).
 - ``write_run_dir``: a run directory (``checkpoints/best.keras`` + ``run.json``) around a model.
@@ -11,10 +14,159 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import keras
 import numpy as np
+
+# ------------------------------------------------------------------------ saving & precision
+
+
+def _as_model(obj, inputs, call_kwargs) -> keras.Model:
+    """A functional model around a layer, its inputs shaped (and typed) like ``inputs``."""
+    if isinstance(obj, keras.Model):
+        return obj
+    symbolic = keras.tree.map_structure(
+        lambda a: keras.Input(tuple(np.shape(a))[1:], dtype=str(np.asarray(a).dtype)), inputs)
+    outputs = obj(symbolic, **call_kwargs)
+    if isinstance(outputs, tuple):
+        outputs = list(outputs)
+    return keras.Model(symbolic, outputs)
+
+
+def _numpy_outputs(outputs) -> list[np.ndarray]:
+    return [np.asarray(keras.ops.convert_to_numpy(o)) for o in keras.tree.flatten(outputs)]
+
+
+def plain_config(obj) -> dict:
+    """``obj.get_config()`` as JSON would store it (tuples become lists), for comparisons."""
+    return json.loads(json.dumps(obj.get_config(), default=str))
+
+
+def perturb_weights(model: keras.Model, seed: int = 0) -> None:
+    """Move every float weight away from its initial value (BatchNorm statistics included,
+    variances kept positive), so that a weight that is not saved or not loaded shows."""
+    rng = np.random.default_rng(seed)
+    for variable in model.weights:
+        if not keras.backend.is_float_dtype(variable.dtype):
+            continue  # seed-generator states and counters
+        value = np.asarray(keras.ops.convert_to_numpy(variable), np.float64)
+        value = value * rng.uniform(0.8, 1.2, value.shape)
+        if "variance" not in variable.path:
+            value = value + rng.normal(0.0, 0.05, value.shape)
+        variable.assign(value.astype(keras.backend.standardize_dtype(variable.dtype)))
+
+
+def run_saving_test(obj, inputs, tmp_path: Path, *, call_kwargs: Mapping | None = None,
+                    custom_objects: Mapping | None = None, perturb: bool = True,
+                    atol: float = 0.0, compile: bool = False) -> keras.Model:
+    """Save ``obj`` (a model, or a layer wrapped in a functional model) as ``.keras``, reload it
+    and check that nothing was lost.
+
+    Checks: the layer's config survives ``serialize → deserialize``; the reloaded model has
+    the same config, the same weights (bit for bit, after `perturb_weights` moved them off
+    their initial values) and the same outputs on ``inputs`` (``atol``, exact by default).
+    Loads without ``custom_objects`` unless given: the package registers its classes; with
+    ``compile`` the reloaded model is compiled as saved (loss and optimizer restored).
+
+    Returns:
+        The reloaded model, for checks of the caller's own.
+    """
+    call_kwargs = dict(call_kwargs or {"training": False})
+    if not isinstance(obj, keras.Model):
+        config = keras.saving.serialize_keras_object(obj)
+        revived = keras.saving.deserialize_keras_object(config, custom_objects=custom_objects)
+        assert type(revived) is type(obj)
+        assert plain_config(revived) == plain_config(obj)
+    model = _as_model(obj, inputs, call_kwargs)
+    if perturb:
+        perturb_weights(model)
+    path = Path(tmp_path) / f"{model.name}.keras"
+    model.save(path)
+    loaded = keras.saving.load_model(path, custom_objects=custom_objects, compile=compile)
+    assert type(loaded) is type(model)
+    assert plain_config(loaded) == plain_config(model)
+    before, after = model.get_weights(), loaded.get_weights()
+    assert len(before) == len(after)
+    for a, b in zip(before, after):
+        np.testing.assert_array_equal(a, b)
+    expected = _numpy_outputs(model(inputs, **call_kwargs))
+    got = _numpy_outputs(loaded(inputs, **call_kwargs))
+    assert len(expected) == len(got)
+    for a, b in zip(expected, got):
+        assert a.shape == b.shape and a.dtype == b.dtype
+        np.testing.assert_allclose(b, a, rtol=0, atol=atol)
+    return loaded
+
+
+# TensorFlow has no float16 MaxPool3D kernel on a CPU: networks run mixed_float16 on a GPU
+# (or JAX) only, so the model tests take the policies the backend can run here.
+PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16")
+# max |output - float32 output| / max(1, max |float32 output|) allowed under each policy.
+PRECISION_TOLERANCE = {"float32": 0.0, "mixed_float16": 1e-2, "mixed_bfloat16": 6e-2}
+
+
+def run_precision_test(build_fn: Callable[[], Any], inputs, *,
+                       policies: Sequence[str] = PRECISIONS, output_dtypes=None,
+                       call_kwargs: Mapping | None = None) -> dict[str, list[np.ndarray]]:
+    """Build ``build_fn()`` under each global dtype policy and call it on ``inputs``.
+
+    Checks, per policy: every weight is stored in float32 (the variable dtype of all three);
+    every layer that owns weights computes in the policy's compute dtype; the outputs have
+    ``output_dtypes`` (None: the compute dtype; a string: every output; else one per flat
+    output) and are finite; with the float32 build's weights copied in, they are within
+    `PRECISION_TOLERANCE` of the float32 outputs. The global policy is restored afterwards.
+
+    Returns:
+        ``{policy: flat outputs as NumPy arrays}``.
+    """
+    call_kwargs = dict(call_kwargs or {"training": False})
+    previous = keras.mixed_precision.global_policy()
+    results, reference_weights = {}, None
+    try:
+        for name in policies:
+            keras.mixed_precision.set_global_policy(name)
+            compute = keras.mixed_precision.global_policy().compute_dtype
+            obj = build_fn()
+            outputs = obj(inputs, **call_kwargs)
+            if reference_weights is None:
+                reference_weights = obj.get_weights()
+            elif reference_weights:  # (a second call would also advance a seed generator)
+                obj.set_weights(reference_weights)
+                outputs = obj(inputs, **call_kwargs)
+            layers = obj._flatten_layers(include_self=True, recursive=True)
+            for layer in layers:
+                if layer.weights and getattr(layer, "_dtype_policy", None) is not None:
+                    if layer.dtype_policy.name == "float32" and name != "float32":
+                        continue  # layers pinned to float32 on purpose (the softmax heads)
+                    assert layer.compute_dtype == compute, (name, layer.name)
+            for variable in obj.weights:
+                if keras.backend.is_float_dtype(variable.dtype):
+                    assert keras.backend.standardize_dtype(variable.dtype) == "float32", (
+                        name, variable.path)
+            flat = keras.tree.flatten(outputs)
+            if output_dtypes is None:
+                expected = [compute] * len(flat)
+            elif isinstance(output_dtypes, str):
+                expected = [output_dtypes] * len(flat)
+            else:
+                expected = list(output_dtypes)
+            assert [keras.backend.standardize_dtype(o.dtype) for o in flat] == expected, name
+            arrays = [np.asarray(keras.ops.convert_to_numpy(
+                keras.ops.cast(o, "float32") if keras.backend.is_float_dtype(o.dtype) else o))
+                for o in flat]
+            for a in arrays:
+                assert np.isfinite(a).all(), name
+            results[name] = arrays
+            if "float32" in results and name != "float32":
+                for a, ref in zip(arrays, results["float32"]):
+                    scale = max(1.0, float(np.abs(ref).max()))
+                    diff = float(np.abs(a.astype(np.float64) - ref).max())
+                    assert diff <= PRECISION_TOLERANCE[name] * scale, (name, diff, scale)
+    finally:
+        keras.mixed_precision.set_global_policy(previous)
+    return results
+
 
 # ------------------------------------------------------------------------------ data sets
 

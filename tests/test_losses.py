@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from helpers import run_saving_test
 from tf_explog import losses
 
 # ----------------------------------------------------------------------------------------
@@ -433,9 +434,8 @@ def test_model_with_loss_saves_and_loads_without_custom_objects(tmp_path):
     model = tiny_model(3)
     loss = losses.ExpLogLoss(class_weights=[1.0, 2.0, 3.0], gamma_dice=0.5)
     model.compile(optimizer="adam", loss=loss)
-    path = str(tmp_path / "m.keras")
-    model.save(path)
-    restored = keras.saving.load_model(path)
+    x = two_label_volumes(n=1)[0]
+    restored = run_saving_test(model, x, tmp_path, compile=True)
     assert isinstance(restored.loss, losses.ExpLogLoss)
     assert restored.loss.get_config() == loss.get_config()
 
