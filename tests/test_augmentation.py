@@ -276,6 +276,7 @@ def test_tf_data_map_before_and_after_batching():
     assert not np.array_equal(again, labs)
 
 
+@pytest.mark.slow
 def test_jax_backend_in_subprocess():
     script = textwrap.dedent(
         """

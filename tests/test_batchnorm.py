@@ -192,6 +192,7 @@ def noisy_fit():
     return volumes, plain, recalibrated
 
 
+@pytest.mark.slow
 def test_recalibrated_inference_matches_batch_statistics(noisy_fit):
     volumes, plain, recalibrated = noisy_fit
     batch = inference_dice(recalibrated, volumes, batch_stats=True)
@@ -204,6 +205,7 @@ def test_recalibrated_inference_matches_batch_statistics(noisy_fit):
     assert inference - ema > 0.1
 
 
+@pytest.mark.slow
 def test_recalibration_on_the_jax_backend(tmp_path):
     script = textwrap.dedent(f"""
         import sys

@@ -237,6 +237,7 @@ def test_no_xla_only_kernels(exported):
     assert b"_XlaMustCompile" not in (exported["path"] / "saved_model.pb").read_bytes()
 
 
+@pytest.mark.slow
 def test_saved_model_cli_show(exported):
     proc = subprocess.run(
         [str(VENV_BIN / "saved_model_cli"), "show", "--all", "--dir", str(exported["path"])],
@@ -260,6 +261,7 @@ def test_saved_model_cli_show(exported):
     assert "outputs['labels']" in labels_block and "probabilities" not in labels_block
 
 
+@pytest.mark.slow
 def test_saved_model_cli_run(exported, tmp_path):
     image = sample_image((21, 16, 18), 5)[None]
     np.save(tmp_path / "x.npy", image)

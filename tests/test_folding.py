@@ -91,6 +91,7 @@ print(json.dumps(out))
 """
 
 
+@pytest.mark.slow
 def test_folding_under_mixed_precision_on_jax():
     """TensorFlow has no float16 MaxPool3D on a CPU, so this runs on JAX (as on the GPU)."""
     import inspect

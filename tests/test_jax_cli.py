@@ -11,6 +11,9 @@ import numpy as np
 import pytest
 import yaml
 
+# Slow: every test here runs the CLI in a JAX subprocess (the module fixture trains 10 epochs).
+pytestmark = pytest.mark.slow
+
 SHAPE = (32, 32, 32)
 
 # Runs tf_explog.cli.main in a fresh interpreter where `import tensorflow` fails.

@@ -11,6 +11,9 @@ import yaml
 
 from tf_explog import cli
 
+# Slow: every test uses the module fixture, an 8-epoch training run.
+pytestmark = pytest.mark.slow
+
 SHAPE = (32, 24, 20)  # voxels, in the file's own (LIA) axis order
 SPACING = (1.0, 1.25, 1.6)  # mm, anisotropic
 # FreeSurfer ids: 2/41 left/right cerebral white matter, 17/53 left/right hippocampus,

@@ -295,6 +295,7 @@ def test_non_finite_predictions_give_a_non_finite_loss(name, from_logits, where)
 
 
 @pytest.mark.parametrize("policy", ["mixed_float16", "mixed_bfloat16"], indirect=True)
+@pytest.mark.slow
 def test_128_cube_twenty_labels_low_precision_input(policy):
     # 128^3 voxels x 20 labels: float16 sums would overflow (max 65504); losses compute in
     # float32 whatever the input dtype.
@@ -462,6 +463,7 @@ JAX_SCRIPT = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_same_values_under_jax_backend_without_tensorflow(tmp_path):
     labels, probs, logits = random_case(5, 5, (6, 6, 6), 2)
     probs = tf.nn.softmax(logits).numpy()

@@ -189,6 +189,7 @@ def test_custom_layer_under_mixed_precision(name):
     run_precision_test(build, x)
 
 
+@pytest.mark.slow
 def test_aux_model_trains_with_dict_losses():
     rng = np.random.default_rng(2)
     n, size, classes = 2, 16, 3
@@ -219,6 +220,7 @@ def test_aux_model_trains_with_dict_losses():
         assert key in logs and np.isfinite(logs[key]), (key, logs)
 
 
+@pytest.mark.slow
 def test_forward_and_train_step_under_jax_without_tensorflow():
     script = textwrap.dedent(
         """
@@ -279,6 +281,7 @@ def test_random_affine_is_reexported_lazily():
     assert tf_explog.layers.RandomAffine3D is augmentation.RandomAffine3D
 
 
+@pytest.mark.slow
 def test_import_tf_explog_is_enough_to_load_a_saved_model(tmp_path):
     """A fresh interpreter that only imports tf_explog loads a model with custom layers."""
     import subprocess

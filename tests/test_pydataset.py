@@ -338,6 +338,7 @@ def _run_jax(args, timeout=240, **env):
                           text=True, timeout=timeout)
 
 
+@pytest.mark.slow
 def test_imports_and_augments_without_tensorflow_under_jax(aligned, tmp_path):
     code = textwrap.dedent(f"""
         import json, sys
@@ -369,6 +370,7 @@ def test_imports_and_augments_without_tensorflow_under_jax(aligned, tmp_path):
                    "jit_equals_eager": True, "backend": "jax"}
 
 
+@pytest.mark.slow
 def test_train_jax_script_fits_one_epoch(tmp_path):
     out = tmp_path / "out"
     res = _run_jax([

@@ -66,6 +66,7 @@ def trained(dataset, tmp_path_factory):
     return training.train(small_config(dataset, tmp))
 
 
+@pytest.mark.slow
 def test_fit_lowers_loss_and_raises_dice(trained):
     loss, dice = trained.history["loss"], trained.history["val_dice"]
     assert loss[-1] < 0.7 * loss[0], loss
@@ -73,6 +74,7 @@ def test_fit_lowers_loss_and_raises_dice(trained):
     assert trained.history["val_dice_big"][-1] > 0.5
 
 
+@pytest.mark.slow
 def test_run_directory_contents(trained):
     run = trained.run_dir
     info = json.loads((run / "run.json").read_text())
@@ -103,6 +105,7 @@ def test_run_directory_contents(trained):
     assert model.output_shape == (None, None, None, None, 3)
 
 
+@pytest.mark.slow
 def test_tensorboard_has_grouped_tags_images_and_hparams(trained):
     scalars = read_scalars(trained.run_dir / "tensorboard")
     for tag in ("dice_by_structure/small", "dice_by_structure/big", "dice/validation",
@@ -163,6 +166,7 @@ class Interrupt(keras.callbacks.Callback):
             raise KeyboardInterrupt("simulated crash")
 
 
+@pytest.mark.slow
 def test_resume_after_interruption(dataset, tmp_path):
     config = small_config(dataset, tmp_path, "train.epochs=4", "train.image_summary_every=0")
     run_dir = tmp_path / "run"
@@ -192,6 +196,7 @@ def test_resume_after_interruption(dataset, tmp_path):
     assert int(keras.saving.load_model(result.final_model).optimizer.iterations) == 4 * 2
 
 
+@pytest.mark.slow
 def test_aux_outputs_train_with_label_pyramid(dataset, tmp_path):
     config = small_config(dataset, tmp_path, "model.aux_outputs=2", "train.epochs=2",
                           "train.image_summary_every=0")
@@ -236,6 +241,7 @@ class PoisonWeights(keras.callbacks.Callback):
             kernel.assign(np.full(kernel.shape, np.nan, kernel.dtype))
 
 
+@pytest.mark.slow
 def test_nan_stops_training_with_one_line_and_a_failure_status(dataset, tmp_path, monkeypatch,
                                                                capsys):
     from tf_explog import cli
@@ -298,6 +304,7 @@ def _dist_config(dataset, tmp_path, strategy):
     return json.dumps(raw)
 
 
+@pytest.mark.slow
 def test_mirrored_strategy_over_two_logical_cpus(dataset, tmp_path):
     script = tmp_path / "dist.py"
     script.write_text(DIST_SCRIPT)
@@ -311,6 +318,7 @@ def test_mirrored_strategy_over_two_logical_cpus(dataset, tmp_path):
     assert len(history["loss"]) == 2 and all(np.isfinite(history["loss"]))
 
 
+@pytest.mark.slow
 def test_multi_worker_two_local_processes(dataset, tmp_path):
     script = tmp_path / "dist.py"
     script.write_text(DIST_SCRIPT)
@@ -375,6 +383,7 @@ def test_time_budget_stops_when_the_next_epoch_would_not_fit(epoch_seconds, budg
     assert cb.stopped_by_budget == (expected_epochs < len(epoch_seconds))
 
 
+@pytest.mark.slow
 def test_time_budget_ends_a_run_early_as_a_finished_run(dataset, tmp_path, capsys):
     result = training.train(small_config(dataset, tmp_path, "train.epochs=50",
                                          "train.time_budget_s=0.001"))
