@@ -1,6 +1,7 @@
 # Every target creates .venv when it is missing, so a clean clone needs nothing else.
 # `make demo` installs what the demo needs (the package: TensorFlow, Keras, TensorBoard, ...);
 # `make test` adds the test extra (pytest, JAX on CPU, the notebook runner, the gRPC client);
+# `make test-fast` runs the same suite without the tests marked slow;
 # `make notebook` adds Jupyter and opens examples/quickstart.ipynb.
 PYTHON ?= python3
 VENV := .venv
@@ -9,7 +10,7 @@ BASE := $(VENV)/.installed-base
 TEST := $(VENV)/.installed-test
 NOTEBOOK := $(VENV)/.installed-notebook
 
-.PHONY: test demo notebook bench venv clean
+.PHONY: test test-fast demo notebook bench venv clean
 
 venv: $(BASE)
 
@@ -29,6 +30,11 @@ $(NOTEBOOK): $(BASE)
 
 test: $(TEST)
 	$(PY) -m pytest -q tests
+
+# Everything but the tests marked slow (training runs, subprocesses, installs, JAX, the
+# notebook): a few minutes on 2 cores, for the edit-test loop. CI runs `make test`.
+test-fast: $(TEST)
+	$(PY) -m pytest -q -m "not slow" tests
 
 demo: $(BASE)
 	$(PY) -m tf_explog.cli demo

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
+from helpers import run_precision_test, run_saving_test
 from tf_explog.augmentation import RandomAffine3D, apply_affine_3d, random_affine_3d
 
 REPO = Path(__file__).resolve().parents[1]
@@ -195,18 +196,28 @@ def test_get_config_round_trip_and_saved_model(tmp_path):
     restored = keras.saving.deserialize_keras_object(keras.saving.serialize_keras_object(layer))
     assert isinstance(restored, RandomAffine3D) and restored.get_config() == config
 
-    image_in = keras.Input((16, 16, 16, 1))
-    labels_in = keras.Input((16, 16, 16), dtype="int32")
-    outs = RandomAffine3D(seed=1)((image_in, labels_in))
-    model = keras.Model([image_in, labels_in], list(outs))
-    path = tmp_path / "aug.keras"
-    model.save(path)
-    loaded = keras.saving.load_model(path)  # no custom_objects: registered
-    assert isinstance(loaded.layers[-1], RandomAffine3D)
     labels = _labels((16, 16, 16))[None]
     image = labels[..., None].astype("float32")
+    loaded = run_saving_test(RandomAffine3D(seed=1, rotation=20.0, name="aug"),
+                             [image, labels], tmp_path)  # no custom_objects: registered
+    assert isinstance(loaded.get_layer("aug"), RandomAffine3D)
+    assert loaded.get_layer("aug").rotation == 20.0
     out = loaded.predict([image, labels], verbose=0)  # inference: identity
     np.testing.assert_array_equal(out[1], labels)
+
+
+def test_mixed_precision_keeps_the_input_dtypes():
+    """Geometry runs in float32 under every policy: the image stays float32 (as given), the
+    labels integer, and the transform is the same as under float32."""
+    labels = _labels((16, 16, 16))[None]
+    image = (labels[..., None] * 2.0).astype("float32")
+    outputs = run_precision_test(lambda: RandomAffine3D(seed=4, probability=1.0),
+                                 (image, labels), output_dtypes=["float32", "int32"],
+                                 call_kwargs={"training": True})
+    moved = outputs["float32"][1]
+    assert (moved != labels).mean() > 0.01  # the transform did something
+    for name in ("mixed_float16", "mixed_bfloat16"):
+        np.testing.assert_array_equal(outputs[name][1], moved)
 
 
 @pytest.mark.parametrize(
@@ -265,6 +276,7 @@ def test_tf_data_map_before_and_after_batching():
     assert not np.array_equal(again, labs)
 
 
+@pytest.mark.slow
 def test_jax_backend_in_subprocess():
     script = textwrap.dedent(
         """

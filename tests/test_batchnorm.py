@@ -10,87 +10,21 @@ import keras
 import numpy as np
 import pytest
 
+from helpers import (bn_batches, bn_reference_statistics, layer_weights, np_bn, np_conv1,
+                     toy_bn_model)
 from tf_explog.batchnorm import (BatchNormRecalibration, _Moments, batch_statistics,
                                  batchnorm_layers, recalibrate_batchnorm)
 
 REPO = Path(__file__).resolve().parents[1]
-EPS = 1e-3  # Keras' BatchNormalization default epsilon
-
-
-def toy_model(noise=0.0, dropout=0.0, seed=0):
-    """image -> [noise] -> 1x1 conv -> BN -> ReLU -> [dropout] -> 1x1 conv -> BN."""
-    keras.utils.set_random_seed(seed)
-    inputs = keras.Input((None, None, None, 2))
-    x = keras.layers.GaussianNoise(noise)(inputs) if noise else inputs
-    x = keras.layers.Conv3D(3, 1, name="c1")(x)
-    x = keras.layers.BatchNormalization(name="bn1")(x)
-    x = keras.layers.ReLU()(x)
-    x = keras.layers.Dropout(dropout)(x) if dropout else x
-    x = keras.layers.Conv3D(2, 1, name="c2")(x)
-    x = keras.layers.BatchNormalization(name="bn2")(x)
-    model = keras.Model(inputs, x)
-    # Non-trivial gammas/betas and stale moving statistics, as after training.
-    for bn in batchnorm_layers(model):
-        k = bn.gamma.shape[0]
-        bn.gamma.assign(np.linspace(0.5, 2.0, k).astype("float32"))
-        bn.beta.assign(np.linspace(-0.3, 0.4, k).astype("float32"))
-        bn.moving_mean.assign(np.full(k, 5.0, "float32"))
-        bn.moving_variance.assign(np.full(k, 9.0, "float32"))
-    return model
-
-
-def weights(model, name):
-    layer = model.get_layer(name)
-    return [np.asarray(w, np.float64) for w in layer.get_weights()]
-
-
-def np_conv1(x, layer_weights):
-    kernel, bias = layer_weights
-    return x @ kernel.reshape(kernel.shape[-2:]) + bias
-
-
-def np_bn(a, mean, var, gamma, beta):
-    return (a - mean) / np.sqrt(var + EPS) * gamma + beta
-
-
-def batches_of(rng, sizes):
-    # Unequal batch and volume sizes, and shifted means, so the merge of moments matters.
-    return [(rng.normal(2.0 + i, 1.0 + 0.5 * i, (b, d, d, d, 2))).astype("float32")
-            for i, (b, d) in enumerate(sizes)]
-
-
-def reference_statistics(model, batches, passes):
-    """Population mean/var of bn1's and bn2's inputs, float64, written from the definition."""
-    c1, c2 = weights(model, "c1"), weights(model, "c2")
-    g1, b1 = weights(model, "bn1")[:2]
-    g2, b2 = weights(model, "bn2")[:2]
-    stats = None
-    for p in range(passes):
-        a1_all, a2_all = [], []
-        for x in batches:
-            a1 = np_conv1(x.astype(np.float64), c1).reshape(-1, 3)
-            if p == 0:  # pass 1 normalises with the batch's own statistics
-                m1, v1 = a1.mean(0), a1.var(0)
-            else:
-                m1, v1 = stats[0]
-            h = np.maximum(np_bn(a1, m1, v1, g1, b1), 0)
-            a2 = np_conv1(h, c2)
-            a1_all.append(a1)
-            a2_all.append(a2)
-        a1_all, a2_all = np.concatenate(a1_all), np.concatenate(a2_all)
-        stats = [(a1_all.mean(0), a1_all.var(0)), (a2_all.mean(0), a2_all.var(0))]
-    return stats
-
-
 @pytest.mark.parametrize("passes", [1, 2])
 def test_statistics_match_a_numpy_reference(passes):
     rng = np.random.default_rng(0)
-    batches = batches_of(rng, [(2, 4), (1, 6), (3, 3)])
-    model = toy_model()
+    batches = bn_batches(rng, [(2, 4), (1, 6), (3, 3)])
+    model = toy_bn_model()
     report = recalibrate_batchnorm(model, batches, passes=passes)
-    expected = reference_statistics(model, batches, passes)
+    expected = bn_reference_statistics(model, batches, passes)
     for name, (mean, var) in zip(("bn1", "bn2"), expected):
-        got = weights(model, name)
+        got = layer_weights(model, name)
         np.testing.assert_allclose(got[2], mean, rtol=1e-4, atol=1e-5)
         np.testing.assert_allclose(got[3], var, rtol=1e-4, atol=1e-5)
     assert report.layers == 2 and report.batches == 3 and report.passes == passes
@@ -99,11 +33,11 @@ def test_statistics_match_a_numpy_reference(passes):
 
 def test_noise_and_dropout_are_off_while_collecting():
     rng = np.random.default_rng(1)
-    batches = batches_of(rng, [(2, 4), (2, 4)])
-    noisy = toy_model(noise=1.0, dropout=0.5)
+    batches = bn_batches(rng, [(2, 4), (2, 4)])
+    noisy = toy_bn_model(noise=1.0, dropout=0.5)
     recalibrate_batchnorm(noisy, batches)
-    (mean, var), _ = reference_statistics(noisy, batches, 1)
-    got = weights(noisy, "bn1")
+    (mean, var), _ = bn_reference_statistics(noisy, batches, 1)
+    got = layer_weights(noisy, "bn1")
     # With the noise (std 1) on, the variance of bn1's input would be larger.
     np.testing.assert_allclose(got[3], var, rtol=1e-4)
     np.testing.assert_allclose(got[2], mean, rtol=1e-4, atol=1e-5)
@@ -122,14 +56,14 @@ def test_moments_merge_equals_direct_float64():
 
 def test_batch_statistics_context_normalises_with_the_batch():
     rng = np.random.default_rng(3)
-    x = batches_of(rng, [(1, 5)])[0]
-    model = toy_model()
-    c1 = weights(model, "c1")
-    g1, b1 = weights(model, "bn1")[:2]
+    x = bn_batches(rng, [(1, 5)])[0]
+    model = toy_bn_model()
+    c1 = layer_weights(model, "c1")
+    g1, b1 = layer_weights(model, "bn1")[:2]
     a1 = np_conv1(x.astype(np.float64), c1).reshape(-1, 3)
     h = np.maximum(np_bn(a1, a1.mean(0), a1.var(0), g1, b1), 0)
-    a2 = np_conv1(h, weights(model, "c2"))
-    g2, b2 = weights(model, "bn2")[:2]
+    a2 = np_conv1(h, layer_weights(model, "c2"))
+    g2, b2 = layer_weights(model, "bn2")[:2]
     expected = np_bn(a2, a2.mean(0), a2.var(0), g2, b2).reshape(x.shape[:-1] + (2,))
     with batch_statistics(model):
         got = keras.ops.convert_to_numpy(model(x, training=False))
@@ -137,32 +71,32 @@ def test_batch_statistics_context_normalises_with_the_batch():
     # ...and nothing is left patched or updated afterwards.
     after = keras.ops.convert_to_numpy(model(x, training=False))
     assert not np.allclose(after, expected, atol=1e-2)
-    np.testing.assert_allclose(weights(model, "bn1")[2], 5.0)
+    np.testing.assert_allclose(layer_weights(model, "bn1")[2], 5.0)
 
 
 def test_frozen_layers_are_left_alone():
-    model = toy_model()
+    model = toy_bn_model()
     model.get_layer("bn1").trainable = False
-    recalibrate_batchnorm(model, batches_of(np.random.default_rng(4), [(1, 4)]))
-    np.testing.assert_allclose(weights(model, "bn1")[2], 5.0)
-    assert not np.allclose(weights(model, "bn2")[2], 5.0)
+    recalibrate_batchnorm(model, bn_batches(np.random.default_rng(4), [(1, 4)]))
+    np.testing.assert_allclose(layer_weights(model, "bn1")[2], 5.0)
+    assert not np.allclose(layer_weights(model, "bn2")[2], 5.0)
 
 
 @pytest.mark.parametrize("policy", ["mixed_float16", "mixed_bfloat16"])
 def test_low_precision_policies(policy):
     rng = np.random.default_rng(5)
-    batches = batches_of(rng, [(1, 4), (1, 4)])
-    reference = toy_model()
+    batches = bn_batches(rng, [(1, 4), (1, 4)])
+    reference = toy_bn_model()
     recalibrate_batchnorm(reference, batches)
     old = keras.config.dtype_policy()
     keras.config.set_dtype_policy(policy)
     try:
-        model = toy_model()
+        model = toy_bn_model()
         recalibrate_batchnorm(model, batches)
     finally:
         keras.config.set_dtype_policy(old)
     for name in ("bn1", "bn2"):
-        got, want = weights(model, name), weights(reference, name)
+        got, want = layer_weights(model, name), layer_weights(reference, name)
         assert np.all(np.isfinite(got[2])) and np.all(np.isfinite(got[3]))
         # bf16 keeps ~3 significant digits of the activations
         np.testing.assert_allclose(got[3], want[3], rtol=0.05)
@@ -170,7 +104,7 @@ def test_low_precision_policies(policy):
 
 
 def test_bad_arguments_and_empty_batches():
-    model = toy_model()
+    model = toy_bn_model()
     with pytest.raises(ValueError, match="passes"):
         recalibrate_batchnorm(model, [], passes=0)
     with pytest.raises(ValueError, match="empty"):
@@ -258,6 +192,7 @@ def noisy_fit():
     return volumes, plain, recalibrated
 
 
+@pytest.mark.slow
 def test_recalibrated_inference_matches_batch_statistics(noisy_fit):
     volumes, plain, recalibrated = noisy_fit
     batch = inference_dice(recalibrated, volumes, batch_stats=True)
@@ -270,20 +205,21 @@ def test_recalibrated_inference_matches_batch_statistics(noisy_fit):
     assert inference - ema > 0.1
 
 
+@pytest.mark.slow
 def test_recalibration_on_the_jax_backend(tmp_path):
     script = textwrap.dedent(f"""
         import sys
-        sys.path.insert(0, {str(REPO)!r})
+        sys.path.insert(0, {str(REPO / 'tests')!r})
         import numpy as np, keras
-        from tests.test_batchnorm import toy_model, batches_of, reference_statistics, weights
+        from helpers import toy_bn_model, bn_batches, bn_reference_statistics, layer_weights
         from tf_explog.batchnorm import recalibrate_batchnorm
         assert keras.backend.backend() == "jax"
-        batches = batches_of(np.random.default_rng(0), [(2, 4), (1, 6)])
-        model = toy_model()
+        batches = bn_batches(np.random.default_rng(0), [(2, 4), (1, 6)])
+        model = toy_bn_model()
         recalibrate_batchnorm(model, batches, passes=2)
-        expected = reference_statistics(model, batches, 2)
+        expected = bn_reference_statistics(model, batches, 2)
         for name, (mean, var) in zip(("bn1", "bn2"), expected):
-            np.testing.assert_allclose(weights(model, name)[3], var, rtol=1e-4, atol=1e-5)
+            np.testing.assert_allclose(layer_weights(model, name)[3], var, rtol=1e-4, atol=1e-5)
         assert "tensorflow" not in sys.modules, "tensorflow was imported"
         print("ok")
     """)

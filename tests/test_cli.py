@@ -36,6 +36,7 @@ def workflow(tmp_path_factory):
     return root, data, run_dir
 
 
+@pytest.mark.slow
 def test_synth_writes_a_valid_dataset_that_streams(workflow):
     root, data, _ = workflow
     manifest = Manifest.load(data / "dataset.json")
@@ -48,6 +49,7 @@ def test_synth_writes_a_valid_dataset_that_streams(workflow):
     assert image.shape == (1, SIZE, SIZE, SIZE, 1) and labels.shape == (1, SIZE, SIZE, SIZE)
 
 
+@pytest.mark.slow
 def test_train_used_the_overrides_and_refuses_to_resume_a_finished_run(workflow):
     _, _, run_dir = workflow
     assert yaml.safe_load((run_dir / "config.yaml").read_text())["train"]["epochs"] == 2
@@ -55,6 +57,7 @@ def test_train_used_the_overrides_and_refuses_to_resume_a_finished_run(workflow)
     assert cli.main(["train", "--resume", str(run_dir)]) == 2  # finished: nothing to resume
 
 
+@pytest.mark.slow
 def test_export_serve_predict_evaluate(workflow, tmp_path):
     root, data, run_dir = workflow
     base = root / "saved_models"

@@ -4,6 +4,7 @@ import re
 import subprocess
 import sys
 
+import pytest
 import yaml
 
 from tf_explog import cli
@@ -48,6 +49,7 @@ def test_native_log_lines_are_dropped_and_the_rest_kept():
         "I0000 00:00:1.0   1 after.cc:1] shown once the filter is off"]
 
 
+@pytest.mark.slow
 def test_train_prints_one_short_line_per_epoch(tmp_path, capsys):
     generate_dataset(tmp_path / "data", subjects=4, test_subjects=1, shape=16, verbose=False)
     (tmp_path / "c.yaml").write_text(yaml.safe_dump({

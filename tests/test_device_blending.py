@@ -167,6 +167,7 @@ print(json.dumps({"backend": keras.backend.backend(), "rows": rows,
 """
 
 
+@pytest.mark.slow
 def test_device_blending_on_jax_without_tensorflow():
     env = {**os.environ, "KERAS_BACKEND": "jax", "JAX_PLATFORMS": "cpu"}
     result = subprocess.run([sys.executable, "-c", JAX_SCRIPT], capture_output=True, text=True,

@@ -35,6 +35,7 @@ def reproduce_dir(tmp_path_factory):
     return root, report
 
 
+@pytest.mark.slow
 def test_reproduce_writes_every_report_file(reproduce_dir):
     root, report = reproduce_dir
     out = root / "report"
@@ -66,6 +67,7 @@ def test_reproduce_writes_every_report_file(reproduce_dir):
     assert {r["split"] for r in rows} == {"0", "1"}
 
 
+@pytest.mark.slow
 def test_splits_repartition_without_leaks(reproduce_dir):
     root, _ = reproduce_dir
     own = json.loads((root / "data" / "dataset.json").read_text())
@@ -83,6 +85,7 @@ def test_splits_repartition_without_leaks(reproduce_dir):
         assert 0 <= done["evaluation"]["dice_mean_with_background"] <= 1
 
 
+@pytest.mark.slow
 def test_reproduce_skips_finished_arms(reproduce_dir, capsys):
     root, report = reproduce_dir
     before = {p: p.stat().st_mtime_ns for p in (root / "report" / "runs").rglob("*.keras")}
@@ -93,6 +96,7 @@ def test_reproduce_skips_finished_arms(reproduce_dir, capsys):
     assert before == after
 
 
+@pytest.mark.slow
 def test_failed_arm_is_reported_not_fatal(reproduce_dir, monkeypatch, capsys):
     root, _ = reproduce_dir
     real = experiments.run_arm
@@ -136,6 +140,7 @@ def test_shipped_reproduce_configs_parse():
             experiments._arm_train_config(config, base, name, arm)
 
 
+@pytest.mark.slow
 def test_demo_tiny_end_to_end_from_a_non_editable_install(tmp_path):
     """`tf-explog demo` from a wheel installed elsewhere: its config comes with the package,
     its outputs go to the working directory (not the source tree or site-packages)."""

@@ -13,7 +13,6 @@ import os
 import subprocess
 import sys
 import textwrap
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +28,7 @@ from tf_explog.export import (  # noqa: E402
     read_metadata,
 )
 from tf_explog.models import build_model  # noqa: E402
+from helpers import write_run_dir  # noqa: E402
 
 VENV_BIN = Path(sys.executable).parent
 LABEL_NAMES = ["background", "ventricle", "thalamus"]
@@ -66,26 +66,11 @@ def assert_labels_match(labels, expected_probs, values=None, tol=1e-5):
 
 
 def make_run_dir(root: Path, model) -> Path:
-    run = root / "runs" / "tiny" / "20260101-000000"
-    (run / "checkpoints").mkdir(parents=True)
-    with warnings.catch_warnings():
-        # Keras' weight saving trips NumPy 2's __array__(copy=...) deprecation: not ours.
-        warnings.simplefilter("ignore", DeprecationWarning)
-        model.save(run / "checkpoints" / "best.keras")
-    info = {
-        "config": {"name": "tiny"},
-        "base_dir": str(root),
-        "fingerprint": "0123456789abcdef",
-        "seed": 7,
-        "label_names": LABEL_NAMES,
-        "num_channels": CHANNELS,
-        "preprocessor": {"normalization": "zscore_nonzero", "clip_percentiles": list(CLIP),
-                         "label_map": LABEL_MAP, "target_spacing": [1.0, 1.0, 1.0]},
-        "best_checkpoint": "checkpoints/best.keras",
-        "final_model": "checkpoints/final.keras",
-    }
-    (run / "run.json").write_text(json.dumps(info))
-    return run
+    return write_run_dir(
+        root, model, name="tiny", label_names=LABEL_NAMES, num_channels=CHANNELS,
+        fingerprint="0123456789abcdef", seed=7,
+        preprocessor={"normalization": "zscore_nonzero", "clip_percentiles": list(CLIP),
+                      "label_map": LABEL_MAP, "target_spacing": [1.0, 1.0, 1.0]})
 
 
 def sample_image(shape, seed, channels=CHANNELS):
@@ -250,6 +235,7 @@ def test_no_xla_only_kernels(exported):
     assert b"_XlaMustCompile" not in (exported["path"] / "saved_model.pb").read_bytes()
 
 
+@pytest.mark.slow
 def test_saved_model_cli_show(exported):
     proc = subprocess.run(
         [str(VENV_BIN / "saved_model_cli"), "show", "--all", "--dir", str(exported["path"])],
@@ -273,6 +259,7 @@ def test_saved_model_cli_show(exported):
     assert "outputs['labels']" in labels_block and "probabilities" not in labels_block
 
 
+@pytest.mark.slow
 def test_saved_model_cli_run(exported, tmp_path):
     image = sample_image((21, 16, 18), 5)[None]
     np.save(tmp_path / "x.npy", image)

@@ -3,8 +3,8 @@ models agree in inference mode (float32 and mixed precision), saving, and where 
 
 import numpy as np
 import pytest
-import keras
 
+from helpers import run_saving_test
 from tf_explog.folding import fold_batchnorm, folded_conv_weights, is_folded
 from tf_explog.layers import Block
 from tf_explog.models import build_model
@@ -91,6 +91,7 @@ print(json.dumps(out))
 """
 
 
+@pytest.mark.slow
 def test_folding_under_mixed_precision_on_jax():
     """TensorFlow has no float16 MaxPool3D on a CPU, so this runs on JAX (as on the GPU)."""
     import inspect
@@ -117,9 +118,6 @@ def test_folding_under_mixed_precision_on_jax():
 
 def test_folded_model_saves_and_loads(tmp_path):
     folded = fold_batchnorm(trained_like(build_model(num_classes=3, seed=0, **TINY)))
-    path = tmp_path / "folded.keras"
-    folded.save(path)
-    again = keras.saving.load_model(path, compile=False)
-    assert is_folded(again)
     x = np.random.default_rng(4).normal(size=(1, 16, 16, 16, 1)).astype("float32")
-    np.testing.assert_array_equal(np.asarray(again(x)), np.asarray(folded(x)))
+    again = run_saving_test(folded, x, tmp_path)
+    assert is_folded(again)

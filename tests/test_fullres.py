@@ -134,7 +134,7 @@ def test_poly_schedule_matches_its_formula():
 
 
 def test_sliding_window_validation_equals_predict_on_the_same_volumes(tmp_path):
-    from test_training import write_two_structure_dataset
+    from helpers import write_two_structure_dataset
 
     from tf_explog.inference import predict_files
     from tf_explog.training import train

@@ -4,7 +4,6 @@ Expected values come from hand-worked cases or from NumPy/SciPy computations wri
 the models are tiny (hand-set 1x1x1 / 3x3x3 convolutions, a 4-filter U-Net) on volumes ≤ 40³.
 """
 
-import json
 import os
 
 import keras
@@ -13,6 +12,7 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
+from helpers import write_run_dir
 from tf_explog.data.preprocess import Preprocessor
 from tf_explog.inference import (
     InferenceError,
@@ -248,22 +248,9 @@ def _write(path, data, affine):
 
 
 def _make_run(root, model, preprocessor, label_names, config=None):
-    run = root / "runs" / "demo" / "20260101-000000"
-    (run / "checkpoints").mkdir(parents=True)
-    model.save(run / "checkpoints" / "best.keras")
-    info = {
-        "config": config or {"data": {"mode": "volume"}},
-        "base_dir": str(root),
-        "fingerprint": "0" * 16,
-        "seed": 0,
-        "label_names": label_names,
-        "num_channels": 1,
-        "preprocessor": preprocessor.to_dict(),
-        "best_checkpoint": "checkpoints/best.keras",
-        "final_model": "checkpoints/final.keras",
-    }
-    (run / "run.json").write_text(json.dumps(info))
-    return run
+    return write_run_dir(root, model, name="demo", label_names=label_names,
+                         preprocessor=preprocessor.to_dict(),
+                         config=config or {"data": {"mode": "volume"}})
 
 
 def _positive_image(shape, seed):

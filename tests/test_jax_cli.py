@@ -1,7 +1,6 @@
 """The CLI on the JAX backend with TensorFlow unimportable (as on a bare GPU machine):
 train -> predict -> evaluate works and learns; export and tf.distribute fail with one line."""
 
-import json
 import os
 import subprocess
 import sys
@@ -11,6 +10,9 @@ import nibabel as nib
 import numpy as np
 import pytest
 import yaml
+
+# Slow: every test here runs the CLI in a JAX subprocess (the module fixture trains 10 epochs).
+pytestmark = pytest.mark.slow
 
 SHAPE = (32, 32, 32)
 
@@ -48,23 +50,12 @@ def subject(rng):
 
 
 @pytest.fixture(scope="module")
-def jax_run(tmp_path_factory):
-    root = tmp_path_factory.mktemp("jax_cli")
+def jax_run(msd_dataset):
     rng = np.random.default_rng(1)
-    entries = {"training": [], "test": []}
-    for i in range(8):
-        split = "test" if i >= 6 else "training"
-        image, labels = subject(rng)
-        tag = "Ts" if split == "test" else "Tr"
-        for kind, array in (("images", image), ("labels", labels)):
-            (root / f"{kind}{tag}").mkdir(exist_ok=True)
-            nib.save(nib.Nifti1Image(array, np.diag([1.2, 1.2, 1.2, 1.0])),
-                     root / f"{kind}{tag}" / f"s{i}.nii.gz")
-        entries[split].append({"image": f"./images{tag}/s{i}.nii.gz",
-                               "label": f"./labels{tag}/s{i}.nii.gz"})
-    (root / "dataset.json").write_text(json.dumps({
-        "name": "balls", "modality": {"0": "MR"},
-        "labels": {"0": "background", "1": "ball", "2": "core"}, **entries}))
+    affine = np.diag([1.2, 1.2, 1.2, 1.0])
+    cases = [(f"s{i}", *subject(rng), affine) for i in range(8)]
+    root = msd_dataset(cases[:6], ["background", "ball", "core"], test=cases[6:],
+                       folder="jax_cli", name="balls", modality="MR").parent
     (root / "jax.yaml").write_text(yaml.safe_dump({
         "name": "jax", "runs_dir": "runs",
         "data": {"dataset": "dataset.json", "validation_fraction": 0.2,

@@ -11,6 +11,9 @@ import yaml
 
 from tf_explog import cli
 
+# Slow: every test uses the module fixture, an 8-epoch training run.
+pytestmark = pytest.mark.slow
+
 SHAPE = (32, 24, 20)  # voxels, in the file's own (LIA) axis order
 SPACING = (1.0, 1.25, 1.6)  # mm, anisotropic
 # FreeSurfer ids: 2/41 left/right cerebral white matter, 17/53 left/right hippocampus,
@@ -48,21 +51,10 @@ def subject(rng):
 
 
 @pytest.fixture(scope="module")
-def freesurfer(tmp_path_factory):
-    root = tmp_path_factory.mktemp("freesurfer")
+def freesurfer(msd_dataset):
     rng = np.random.default_rng(0)
-    entries = {"training": [], "test": []}
-    for i in range(7):
-        split = "test" if i >= 5 else "training"
-        image, labels = subject(rng)
-        for kind, array in (("images", image), ("labels", labels)):
-            folder = root / f"{kind}{'Ts' if split == 'test' else 'Tr'}"
-            folder.mkdir(exist_ok=True)
-            nib.save(nib.Nifti1Image(array, lia_affine()), folder / f"s{i}.nii.gz")
-        entries[split].append({"image": f"./images{'Ts' if split == 'test' else 'Tr'}/s{i}.nii.gz",
-                               "label": f"./labels{'Ts' if split == 'test' else 'Tr'}/s{i}.nii.gz"})
-    (root / "dataset.json").write_text(json.dumps({
-        "name": "fs", "modality": {"0": "T1"}, "labels": NAMES, **entries}))
+    cases = [(f"s{i}", *subject(rng), lia_affine()) for i in range(7)]
+    root = msd_dataset(cases[:5], NAMES, test=cases[5:], folder="freesurfer", name="fs").parent
     (root / "label_map.json").write_text(json.dumps(LABEL_MAP))
     config = {
         "name": "fs", "runs_dir": "runs",

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from helpers import run_saving_test
 from tf_explog import losses
 
 # ----------------------------------------------------------------------------------------
@@ -294,6 +295,7 @@ def test_non_finite_predictions_give_a_non_finite_loss(name, from_logits, where)
 
 
 @pytest.mark.parametrize("policy", ["mixed_float16", "mixed_bfloat16"], indirect=True)
+@pytest.mark.slow
 def test_128_cube_twenty_labels_low_precision_input(policy):
     # 128^3 voxels x 20 labels: float16 sums would overflow (max 65504); losses compute in
     # float32 whatever the input dtype.
@@ -433,9 +435,8 @@ def test_model_with_loss_saves_and_loads_without_custom_objects(tmp_path):
     model = tiny_model(3)
     loss = losses.ExpLogLoss(class_weights=[1.0, 2.0, 3.0], gamma_dice=0.5)
     model.compile(optimizer="adam", loss=loss)
-    path = str(tmp_path / "m.keras")
-    model.save(path)
-    restored = keras.saving.load_model(path)
+    x = two_label_volumes(n=1)[0]
+    restored = run_saving_test(model, x, tmp_path, compile=True)
     assert isinstance(restored.loss, losses.ExpLogLoss)
     assert restored.loss.get_config() == loss.get_config()
 
@@ -462,6 +463,7 @@ JAX_SCRIPT = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_same_values_under_jax_backend_without_tensorflow(tmp_path):
     labels, probs, logits = random_case(5, 5, (6, 6, 6), 2)
     probs = tf.nn.softmax(logits).numpy()

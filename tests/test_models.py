@@ -11,22 +11,12 @@ import keras
 import numpy as np
 import pytest
 
-from tf_explog.layers import Block
+from helpers import plain_config, run_precision_test, run_saving_test
+from tf_explog.layers import Block, LinearUpsampling3D, SpatialSizeCheck
 from tf_explog.metrics import PerLabelDice
 from tf_explog.models import aux_loss_weights, build_model, output_names
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture
-def policy():
-    """Set a global dtype policy for one test and always restore float32."""
-
-    def set_policy(name):
-        keras.mixed_precision.set_global_policy(name)
-
-    yield set_policy
-    keras.mixed_precision.set_global_policy("float32")
 
 
 def paper_parameter_count(in_channels, num_classes):
@@ -80,31 +70,38 @@ def test_aux_heads_add_only_their_1x1_convs():
     assert model.count_params() == paper_parameter_count(1, 5) + extra
 
 
-@pytest.mark.parametrize("policy_name", ["float32", "mixed_bfloat16"])
 @pytest.mark.parametrize("aux", [False, True, 2])
-def test_output_names_shapes_dtypes(policy, policy_name, aux):
-    policy(policy_name)
-    model = build_model((32, 16, 32, 2), num_classes=4, aux_outputs=aux)
+def test_output_names_shapes_dtypes(aux):
     x = np.random.default_rng(0).normal(size=(1, 32, 16, 32, 2)).astype("float32")
-    y = model(x, training=False)
+    models = {}
+
+    def build():
+        keras.utils.set_random_seed(0)
+        model = build_model((32, 16, 32, 2), num_classes=4, aux_outputs=aux)
+        models[keras.mixed_precision.global_policy().name] = model
+        return model
+
+    # TensorFlow has no float16 MaxPool3D on a CPU: mixed_float16 is checked on JAX
+    # (tests/test_folding.py). Softmax outputs are float32 under every policy.
+    outputs = run_precision_test(build, x, policies=("float32", "mixed_bfloat16"),
+                                 output_dtypes="float32")
     n_aux = {False: 0, True: 3, 2: 2}[aux]
     expected = ["segmentation"] + [f"aux_{k}" for k in range(1, n_aux + 1)]
-    assert output_names(model) == expected
-    if n_aux == 0:
-        assert model.output_names == ["segmentation"]
-        y = {"segmentation": y}
-    assert sorted(y) == sorted(expected)
-    for name, out in y.items():
-        f = 1 if name == "segmentation" else 2 ** int(name.split("_")[1])
-        assert tuple(out.shape) == (1, 32 // f, 16 // f, 32 // f, 4), name
-        assert keras.backend.standardize_dtype(out.dtype) == "float32", name
-        out = np.asarray(out)
-        np.testing.assert_allclose(out.sum(-1), 1.0, atol=1e-5)
-    # The convolutions really run in the policy's compute dtype.
-    block = model.get_layer("enc_block_1")
-    assert block.compute_dtype == ("bfloat16" if policy_name == "mixed_bfloat16" else "float32")
-    assert block.convs[0].compute_dtype == block.compute_dtype
-    assert block.convs[0].kernel.dtype == "float32"
+    for policy_name, model in models.items():
+        assert output_names(model) == expected
+        if n_aux == 0:
+            assert model.output_names == ["segmentation"]
+        names = sorted(expected) if n_aux else expected  # dict outputs flatten sorted by key
+        for name, out in zip(names, outputs[policy_name]):
+            f = 1 if name == "segmentation" else 2 ** int(name.split("_")[1])
+            assert out.shape == (1, 32 // f, 16 // f, 32 // f, 4), name
+            np.testing.assert_allclose(out.sum(-1), 1.0, atol=1e-5)
+        # The convolutions really run in the policy's compute dtype.
+        block = model.get_layer("enc_block_1")
+        assert block.compute_dtype == ("bfloat16" if policy_name == "mixed_bfloat16"
+                                       else "float32")
+        assert block.convs[0].compute_dtype == block.compute_dtype
+        assert block.convs[0].kernel.dtype == "float32"
 
 
 def test_aux_loss_weights():
@@ -150,23 +147,49 @@ def test_block_config_round_trip_and_bad_args():
 
 def test_keras_round_trip_identical_predictions(tmp_path):
     model = build_model((16, 16, 16, 1), num_classes=4, aux_outputs=1)
-    # Move BatchNorm statistics away from their initial values so loading them is tested.
-    for layer in model.layers:
-        if isinstance(layer, Block):
-            for bn in layer.norms:
-                bn.moving_mean.assign(np.full(bn.moving_mean.shape, 0.1, "float32"))
-                bn.moving_variance.assign(np.full(bn.moving_variance.shape, 2.0, "float32"))
-    path = tmp_path / "net.keras"
-    model.save(path)
-    loaded = keras.saving.load_model(path)  # no custom_objects: the classes are registered
     x = np.random.default_rng(1).normal(size=(2, 16, 16, 16, 1)).astype("float32")
-    a, b = model(x, training=False), loaded(x, training=False)
-    for key in ("segmentation", "aux_1"):
-        np.testing.assert_array_equal(np.asarray(a[key]), np.asarray(b[key]))
+    # The helper moves every weight (BatchNorm statistics included) off its initial value,
+    # so loading them is tested; no custom_objects: the classes are registered.
+    loaded = run_saving_test(model, x, tmp_path)
+    assert sorted(loaded(x, training=False)) == ["aux_1", "segmentation"]
     assert loaded.count_params() == model.count_params()
     assert isinstance(loaded.get_layer("dec_block_2"), Block)
 
 
+# Every custom layer of tf_explog/layers.py (RandomAffine3D: tests/test_augmentation.py), on
+# an input it accepts: (build, input shape).
+LAYERS = {
+    "block": (lambda: Block(5, 2, bn_momentum=0.9, name="block"), (2, 16, 16, 8, 3)),
+    "size_check": (lambda: SpatialSizeCheck(8, name="size_check"), (1, 16, 8, 24, 2)),
+    "upsampling": (lambda: LinearUpsampling3D(4, name="upsampling"), (1, 4, 2, 3, 2)),
+}
+
+
+@pytest.mark.parametrize("name", LAYERS)
+def test_custom_layer_saves_and_loads(name, tmp_path):
+    build, shape = LAYERS[name]
+    x = np.random.default_rng(5).normal(size=shape).astype("float32")
+    layer = build()
+    loaded = run_saving_test(layer, x, tmp_path)
+    again = loaded.get_layer(name)
+    assert type(again) is type(layer) and plain_config(again) == plain_config(layer)
+    if name == "size_check":
+        assert again.divisor == 8
+        with pytest.raises(ValueError, match="multiples of 8"):
+            again(np.zeros((1, 16, 12, 24, 2), "float32"))
+    if name == "upsampling":
+        assert loaded.output.shape == (None, 16, 8, 12, 2)
+
+
+@pytest.mark.parametrize("name", LAYERS)
+def test_custom_layer_under_mixed_precision(name):
+    build, shape = LAYERS[name]
+    x = np.random.default_rng(6).normal(size=shape).astype("float32")
+    # Output in the compute dtype (float16 / bfloat16), within rounding of float32's.
+    run_precision_test(build, x)
+
+
+@pytest.mark.slow
 def test_aux_model_trains_with_dict_losses():
     rng = np.random.default_rng(2)
     n, size, classes = 2, 16, 3
@@ -197,6 +220,7 @@ def test_aux_model_trains_with_dict_losses():
         assert key in logs and np.isfinite(logs[key]), (key, logs)
 
 
+@pytest.mark.slow
 def test_forward_and_train_step_under_jax_without_tensorflow():
     script = textwrap.dedent(
         """
@@ -257,6 +281,7 @@ def test_random_affine_is_reexported_lazily():
     assert tf_explog.layers.RandomAffine3D is augmentation.RandomAffine3D
 
 
+@pytest.mark.slow
 def test_import_tf_explog_is_enough_to_load_a_saved_model(tmp_path):
     """A fresh interpreter that only imports tf_explog loads a model with custom layers."""
     import subprocess

@@ -1,12 +1,12 @@
 """Volume cache and tf.data pipeline: shapes, dtypes, oversampling, invalidation, atomicity."""
 
-import json
 import os
 
 import nibabel as nib
 import numpy as np
 import pytest
 
+from helpers import write_msd_dataset
 from tf_explog.data import cache as cache_mod
 from tf_explog.data.cache import VolumeCache
 from tf_explog.data.manifest import Manifest, ManifestError
@@ -34,21 +34,13 @@ def _case_labels(i):
 def dataset(tmp_path):
     """Four labelled cases (two orientations) and one test image; returns dataset.json."""
     rng = np.random.default_rng(0)
-    (tmp_path / "imagesTr").mkdir()
-    (tmp_path / "labelsTr").mkdir()
-    training = []
+    cases = []
     for i in range(4):
         lab = _case_labels(i)
         img = (rng.normal(size=SHAPE) + 3 * lab).astype(np.float32)
-        aff = AFFINES[i % 2]
-        nib.save(nib.Nifti1Image(img, aff), str(tmp_path / "imagesTr" / f"c{i}.nii.gz"))
-        nib.save(nib.Nifti1Image(lab, aff), str(tmp_path / "labelsTr" / f"c{i}.nii.gz"))
-        training.append({"image": f"./imagesTr/c{i}.nii.gz", "label": f"./labelsTr/c{i}.nii.gz"})
-    data = {"name": "toy", "modality": {"0": "T1"},
-            "labels": {"0": "background", "1": "big", "2": "tiny"},
-            "training": training, "test": ["./imagesTr/c0.nii.gz"]}
-    (tmp_path / "dataset.json").write_text(json.dumps(data))
-    return tmp_path / "dataset.json"
+        cases.append((f"c{i}", img, lab, AFFINES[i % 2]))
+    return write_msd_dataset(tmp_path, cases, ["background", "big", "tiny"],
+                             test=["./imagesTr/c0.nii.gz"])
 
 
 def _canonical_crop(path, size):

@@ -13,6 +13,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
+from helpers import write_msd_dataset
 from tf_explog.augmentation import RandomAffine3D
 from tf_explog.config import config_from_dict
 from tf_explog.data.manifest import Manifest, ManifestError
@@ -28,23 +29,13 @@ CROP16 = Preprocessor(target_shape=16)
 
 def _write_set(root: Path, images, labels, affines, label_names, test_image=None) -> Path:
     """MSD layout: imagesTr/c<i>.nii.gz, labelsTr/c<i>.nii.gz and dataset.json."""
-    (root / "imagesTr").mkdir(parents=True)
-    (root / "labelsTr").mkdir()
-    training = []
-    for i, (img, lab, aff) in enumerate(zip(images, labels, affines)):
-        name = f"c{i}.nii.gz"
-        nib.save(nib.Nifti1Image(img.astype(np.float32), aff), str(root / "imagesTr" / name))
-        nib.save(nib.Nifti1Image(lab.astype(np.uint8), aff), str(root / "labelsTr" / name))
-        training.append({"image": f"./imagesTr/c{i}.nii.gz", "label": f"./labelsTr/c{i}.nii.gz"})
+    cases = [(f"c{i}", img.astype(np.float32), lab.astype(np.uint8), aff)
+             for i, (img, lab, aff) in enumerate(zip(images, labels, affines))]
     test = []
     if test_image is not None:
         nib.save(nib.Nifti1Image(test_image.astype(np.float32), np.eye(4)), str(root / "t0.nii.gz"))
         test = ["./t0.nii.gz"]
-    data = {"name": root.name, "modality": {"0": "T1"},
-            "labels": {str(i): n for i, n in enumerate(label_names)},
-            "training": training, "test": test}
-    (root / "dataset.json").write_text(json.dumps(data))
-    return root / "dataset.json"
+    return write_msd_dataset(root, cases, label_names, test=test, name=root.name)
 
 
 @pytest.fixture(scope="module")
@@ -347,6 +338,7 @@ def _run_jax(args, timeout=240, **env):
                           text=True, timeout=timeout)
 
 
+@pytest.mark.slow
 def test_imports_and_augments_without_tensorflow_under_jax(aligned, tmp_path):
     code = textwrap.dedent(f"""
         import json, sys
@@ -378,6 +370,7 @@ def test_imports_and_augments_without_tensorflow_under_jax(aligned, tmp_path):
                    "jit_equals_eager": True, "backend": "jax"}
 
 
+@pytest.mark.slow
 def test_train_jax_script_fits_one_epoch(tmp_path):
     out = tmp_path / "out"
     res = _run_jax([

@@ -16,7 +16,9 @@ README = REPO / "README.md"
 DOC_PAGES = [REPO / "docs" / "training.md"]
 
 
-@pytest.mark.parametrize("page", [README, *DOC_PAGES], ids=lambda p: p.name)
+# The reference pages' blocks train small models (~1 min on 2 cores): slow; the README's stay.
+@pytest.mark.parametrize("page", [README, *(pytest.param(p, marks=pytest.mark.slow)
+                                            for p in DOC_PAGES)], ids=lambda p: p.name)
 def test_python_blocks_run(page, tmp_path):
     blocks = re.findall(r"```python\n(.*?)```", page.read_text(), flags=re.S)
     assert blocks, f"{page.name} has no python example"
@@ -59,6 +61,10 @@ def test_make_demo_installs_the_package_only_and_make_test_the_test_extra(tmp_pa
     assert "pip install -q -e .\n" in demo and "[test]" not in demo
     assert "tf_explog.cli demo" in demo
     assert 'pip install -q -e ".[test]"' in test and "pytest" in test
+    # `make test-fast` skips the slow-marked tests; `make test` (CI) runs them all.
+    fast = dry("test-fast")
+    assert 'pip install -q -e ".[test]"' in fast and '-m "not slow"' in fast
+    assert "slow" not in test
 
 
 # What the tiny demo names differently from the full one.
@@ -69,6 +75,7 @@ TINY_TRAIN = ["--set", "train.epochs=1", "--set", "model.filters=[4,4,4,4,4]",
               "--set", "data.preprocess.target_shape=16", "--set", "train.image_summary_every=0"]
 
 
+@pytest.mark.slow
 def test_readme_commands_run_in_a_fresh_shell(tmp_path):
     """`make demo` (tiny), then every "after the demo" and "your own data" command, by the
     README's own words, in `bash` with a bare PATH: no activated venv, no tf-explog on it."""

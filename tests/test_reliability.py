@@ -544,6 +544,7 @@ def _hidden(run: Path) -> list:
     return sorted(str(p.relative_to(run)) for p in run.rglob(".*") if p.name != ".lock")
 
 
+@pytest.mark.slow
 def test_a_kill_between_the_state_write_and_its_rename_loses_nothing(base, tmp_path, capsys):
     """A training process killed (SIGKILL) after writing the new resume state under its
     temporary name and before renaming it: while it runs, nobody else may use the run; once
@@ -607,6 +608,7 @@ def test_a_kill_between_the_state_write_and_its_rename_loses_nothing(base, tmp_p
     assert _hidden(run) == []
 
 
+@pytest.mark.slow
 def test_resume_falls_back_to_the_previous_complete_state(base, tmp_path, capsys):
     """The newest state cut in half (a bad disk, a hand copy): --resume says so in one line
     and continues from the one before it."""
@@ -697,7 +699,10 @@ ENVIRONMENT = [
 ]
 
 
-@pytest.mark.parametrize("name, command, code, inject, words", ENVIRONMENT,
+# The full-disk case trains a run for an epoch first (~35 s): slow; the others stay fast.
+@pytest.mark.parametrize("name, command, code, inject, words",
+                         [pytest.param(*c, marks=[pytest.mark.slow] if c[1] == "train"
+                                       and c[2] == 28 else []) for c in ENVIRONMENT],
                          ids=[c[0] for c in ENVIRONMENT])
 def test_environment_errors_exit_2_with_the_path_and_what_to_do(
         base, tmp_path, capsys, monkeypatch, name, command, code, inject, words):
@@ -720,6 +725,7 @@ def test_environment_errors_exit_2_with_the_path_and_what_to_do(
     assert _snapshot(root) == before  # nothing half-written, no run directory left
 
 
+@pytest.mark.slow
 def test_a_full_disk_after_an_epoch_marks_the_run_and_resume_finishes_it(
         base, tmp_path, capsys, monkeypatch):
     """Disk full at the second epoch's resume state: exit 2, FAILED.json says why, the run

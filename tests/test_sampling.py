@@ -20,27 +20,18 @@ CROP8 = Preprocessor(target_shape=8)
 
 
 @pytest.fixture(scope="module")
-def toy(tmp_path_factory):
+def toy(msd_dataset):
     """Three labelled cases (two orientations, so two canonical shapes) and one test image."""
-    root = tmp_path_factory.mktemp("toy")
-    (root / "imagesTr").mkdir()
-    (root / "labelsTr").mkdir()
     rng = np.random.default_rng(0)
-    training = []
+    cases = []
     for i in range(3):
         lab = np.zeros(SHAPE, np.uint8)
         lab[2 + i:9, 2:8, 1:6] = 1
         lab[10, 1 + i, 6] = 2
         img = rng.normal(size=SHAPE) + 3.0 * lab + i
-        aff = np.eye(4) if i % 2 == 0 else LIA
-        nib.save(nib.Nifti1Image(img.astype(np.float32), aff), str(root / f"imagesTr/c{i}.nii.gz"))
-        nib.save(nib.Nifti1Image(lab, aff), str(root / f"labelsTr/c{i}.nii.gz"))
-        training.append({"image": f"./imagesTr/c{i}.nii.gz", "label": f"./labelsTr/c{i}.nii.gz"})
-    data = {"name": "toy", "modality": {"0": "T1"},
-            "labels": {"0": "background", "1": "block", "2": "dot"},
-            "training": training, "test": ["./imagesTr/c0.nii.gz"]}
-    (root / "dataset.json").write_text(json.dumps(data))
-    return Manifest.load(root / "dataset.json", validation_fraction=0)
+        cases.append((f"c{i}", img.astype(np.float32), lab, np.eye(4) if i % 2 == 0 else LIA))
+    path = msd_dataset(cases, ["background", "block", "dot"], test=["./imagesTr/c0.nii.gz"])
+    return Manifest.load(path, validation_fraction=0)
 
 
 def _sampler(manifest, cache_dir, **kwargs):

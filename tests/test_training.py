@@ -10,7 +10,6 @@ import textwrap
 from pathlib import Path
 
 import keras
-import nibabel as nib
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -20,38 +19,12 @@ from tf_explog import plots, training
 from tf_explog.config import config_from_dict
 
 REPO = Path(__file__).resolve().parents[1]
-SIZE = 32
-
-
-def write_two_structure_dataset(root: Path, subjects=6, size=SIZE, seed=0):
-    """A big sphere (label 1) and a small one (label 2) at random places, MSD layout."""
-    rng = np.random.default_rng(seed)
-    grid = np.indices((size,) * 3).transpose(1, 2, 3, 0)
-    (root / "imagesTr").mkdir(parents=True)
-    (root / "labelsTr").mkdir()
-    entries = []
-    affine = np.diag([1.5, 1.5, 1.5, 1.0])
-    for i in range(subjects):
-        labels = np.zeros((size,) * 3, np.uint8)
-        big = rng.uniform(size * 0.35, size * 0.65, 3)
-        labels[np.linalg.norm(grid - big, axis=-1) < size * 0.25] = 1
-        small = rng.uniform(size * 0.2, size * 0.8, 3)
-        labels[np.linalg.norm(grid - small, axis=-1) < size * 0.09] = 2
-        image = np.array([0.0, 2.0, 4.0])[labels] + rng.normal(0, 0.4, labels.shape)
-        name = f"case_{i:02d}.nii.gz"
-        nib.save(nib.Nifti1Image(image.astype(np.float32), affine), root / "imagesTr" / name)
-        nib.save(nib.Nifti1Image(labels, affine), root / "labelsTr" / name)
-        entries.append({"image": f"./imagesTr/{name}", "label": f"./labelsTr/{name}"})
-    (root / "dataset.json").write_text(json.dumps({
-        "name": "two_structures", "modality": {"0": "T1"},
-        "labels": {"0": "background", "1": "big", "2": "small"},
-        "numTraining": subjects, "training": entries, "test": []}))
-    return root / "dataset.json"
 
 
 @pytest.fixture(scope="module")
-def dataset(tmp_path_factory):
-    return write_two_structure_dataset(tmp_path_factory.mktemp("two_structures"))
+def dataset(two_structure_dataset):
+    """6 cases of 32³, two spheres (conftest.py, shared with tests/test_fullres.py)."""
+    return two_structure_dataset
 
 
 def small_config(dataset, tmp_path, *overrides):
@@ -93,6 +66,7 @@ def trained(dataset, tmp_path_factory):
     return training.train(small_config(dataset, tmp))
 
 
+@pytest.mark.slow
 def test_fit_lowers_loss_and_raises_dice(trained):
     loss, dice = trained.history["loss"], trained.history["val_dice"]
     assert loss[-1] < 0.7 * loss[0], loss
@@ -100,6 +74,7 @@ def test_fit_lowers_loss_and_raises_dice(trained):
     assert trained.history["val_dice_big"][-1] > 0.5
 
 
+@pytest.mark.slow
 def test_run_directory_contents(trained):
     run = trained.run_dir
     info = json.loads((run / "run.json").read_text())
@@ -130,6 +105,7 @@ def test_run_directory_contents(trained):
     assert model.output_shape == (None, None, None, None, 3)
 
 
+@pytest.mark.slow
 def test_tensorboard_has_grouped_tags_images_and_hparams(trained):
     scalars = read_scalars(trained.run_dir / "tensorboard")
     for tag in ("dice_by_structure/small", "dice_by_structure/big", "dice/validation",
@@ -190,6 +166,7 @@ class Interrupt(keras.callbacks.Callback):
             raise KeyboardInterrupt("simulated crash")
 
 
+@pytest.mark.slow
 def test_resume_after_interruption(dataset, tmp_path):
     config = small_config(dataset, tmp_path, "train.epochs=4", "train.image_summary_every=0")
     run_dir = tmp_path / "run"
@@ -219,6 +196,7 @@ def test_resume_after_interruption(dataset, tmp_path):
     assert int(keras.saving.load_model(result.final_model).optimizer.iterations) == 4 * 2
 
 
+@pytest.mark.slow
 def test_aux_outputs_train_with_label_pyramid(dataset, tmp_path):
     config = small_config(dataset, tmp_path, "model.aux_outputs=2", "train.epochs=2",
                           "train.image_summary_every=0")
@@ -263,6 +241,7 @@ class PoisonWeights(keras.callbacks.Callback):
             kernel.assign(np.full(kernel.shape, np.nan, kernel.dtype))
 
 
+@pytest.mark.slow
 def test_nan_stops_training_with_one_line_and_a_failure_status(dataset, tmp_path, monkeypatch,
                                                                capsys):
     from tf_explog import cli
@@ -326,6 +305,7 @@ def _dist_config(dataset, tmp_path, strategy, *overrides):
     return json.dumps(raw)
 
 
+@pytest.mark.slow
 def test_mirrored_strategy_over_two_logical_cpus(dataset, tmp_path):
     script = tmp_path / "dist.py"
     script.write_text(DIST_SCRIPT)
@@ -339,6 +319,7 @@ def test_mirrored_strategy_over_two_logical_cpus(dataset, tmp_path):
     assert len(history["loss"]) == 2 and all(np.isfinite(history["loss"]))
 
 
+@pytest.mark.slow
 def test_multi_worker_two_local_processes(dataset, tmp_path):
     script = tmp_path / "dist.py"
     script.write_text(DIST_SCRIPT)
@@ -409,6 +390,7 @@ def test_time_budget_stops_when_the_next_epoch_would_not_fit(epoch_seconds, budg
     assert cb.stopped_by_budget == (expected_epochs < len(epoch_seconds))
 
 
+@pytest.mark.slow
 def test_time_budget_ends_a_run_early_as_a_finished_run(dataset, tmp_path, capsys):
     result = training.train(small_config(dataset, tmp_path, "train.epochs=50",
                                          "train.time_budget_s=0.001"))
