@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import math
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -24,7 +25,6 @@ import keras
 
 from tf_explog import losses as losses_lib
 from tf_explog.config import Config, ConfigError
-from tf_explog.geometry import round_up
 from tf_explog.metrics import PerLabelDice
 from tf_explog.models import MODELS, aux_loss_weights
 
@@ -399,7 +399,7 @@ class TrainingSetup:
         if t.steps_per_epoch:
             return int(t.steps_per_epoch)
         cases = len(self.manifest.entries("training"))
-        return max(1, round_up(cases, t.batch_size) // t.batch_size)
+        return max(1, math.ceil(cases / t.batch_size))
 
     def optimizer(self) -> keras.optimizers.Optimizer:
         return make_optimizer(self.config, self.steps_per_epoch)
